@@ -1,0 +1,225 @@
+"""LoRA's hyper-parameters: one dataclass, validated when it is built.
+
+The same class is a plain Python config (``LoRAConfig(r=4)``), an OmegaConf structured config
+(``OmegaConf.structured(LoRAConfig)``) and the schema behind the callback's flat keyword
+arguments, so a typo fails at construction with a message that names the field and the fix,
+long before a model is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import LoRAConfigError
+
+ALL_LINEAR = "all-linear"
+INITS = ("zeros_b", "gaussian")
+MHA_PROJECTIONS = ("q", "k", "v")
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoRAConfig:
+    """Which modules get an adapter, and the adapter's shape and scale.
+
+    A frozen weight ``W`` of shape ``(d_out, d_in)`` gets ``ΔW = (alpha / r) · B A`` with
+    ``A: (r, d_in)`` and ``B: (d_out, r)`` (Hu et al. 2021, §4.1).
+    """
+
+    r: int = 8
+    """Rank of ``A`` and ``B``: the update has at most ``r`` independent directions. Each adapted
+    ``(d_out, d_in)`` weight costs ``r · (d_in + d_out)`` trainable parameters; the paper finds
+    r between 1 and 64 enough (Hu et al. 2021, §7.2)."""
+
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by ``alpha / r`` so that changing ``r`` does not
+    change the size of the update at initialisation, and the learning rate need not be re-tuned
+    for every rank (§4.1)."""
+
+    dropout: float = 0.0
+    """Dropout probability on the adapter's input ``x`` (never on the frozen path). 0 skips the
+    dropout kernel entirely."""
+
+    target_modules: Any = ALL_LINEAR
+    """Which modules to adapt: ``"all-linear"`` (every ``nn.Linear`` and
+    ``nn.MultiheadAttention``), a list of names or dotted suffixes (``["query", "value"]``
+    matches ``encoder.layer.0.attention.self.query``), or one string taken as a regular
+    expression that must match the full module name."""
+
+    exclude_modules: list[str] = field(default_factory=list)
+    """Names or dotted suffixes never adapted, even when ``target_modules`` matches them."""
+
+    trainable_modules: list[str] = field(default_factory=list)
+    """Modules trained in full, e.g. a new classification head (PEFT's ``modules_to_save``).
+    They are never adapted and are saved with the adapter."""
+
+    init: str = "zeros_b"
+    """``"zeros_b"``: ``A`` Kaiming-uniform, ``B = 0`` so the model is unchanged at step 0 (the
+    paper's choice). ``"gaussian"``: ``A, B ~ N(0, 0.01²)``, the textbook variant whose output
+    changes at step 0."""
+
+    mha_projections: list[str] = field(default_factory=lambda: list(MHA_PROJECTIONS))
+    """Which of q, k, v inside an adapted ``nn.MultiheadAttention`` get their own ``A``/``B``.
+    Its ``out_proj`` is adapted too, unless ``exclude_modules`` names it."""
+
+    use_rslora: bool = False
+    """Scale by ``alpha / sqrt(r)`` instead of ``alpha / r`` (rank-stabilised LoRA, Kalajdzievski
+    2023), so that high ranks keep learning at the same learning rate."""
+
+    adapter_dtype: str | None = None
+    """dtype of ``A`` and ``B``. ``None`` follows the base weight (bf16 base, bf16 adapters: the
+    fast choice); ``"float32"`` keeps fp32 adapters on a low-precision base."""
+
+    def __post_init__(self) -> None:
+        self.r = _positive_int("r", self.r, "the rank of A and B, e.g. r=8")
+        self.alpha = _positive_number("alpha", self.alpha, "the scale numerator, e.g. alpha=16")
+        self.dropout = _probability("dropout", self.dropout)
+        self.target_modules = _targets(self.target_modules)
+        self.exclude_modules = _names("exclude_modules", self.exclude_modules)
+        self.trainable_modules = _names("trainable_modules", self.trainable_modules)
+        self.init = _choice("init", self.init, INITS)
+        self.mha_projections = _projections(self.mha_projections)
+        if not isinstance(self.use_rslora, bool):
+            raise LoRAConfigError(f"LoRAConfig.use_rslora must be true or false, got {self.use_rslora!r}.")
+        if self.adapter_dtype is not None:
+            self.adapter_dtype = _choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+
+    @property
+    def scaling(self) -> float:
+        """The factor on ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (lists, not tuples), e.g. for loggers and adapter files."""
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def build(cls, config: LoRAConfig | Mapping[str, Any] | None = None, **overrides: Any) -> LoRAConfig:
+        """A config from an instance, a mapping (a Hydra/OmegaConf node too) and/or keyword
+        overrides, refusing unknown keys by name so a misspelled field never passes silently."""
+        if isinstance(config, LoRAConfig):
+            values = config.to_dict()
+        elif config is None:
+            values = {}
+        elif isinstance(config, Mapping):
+            values = {str(k): v for k, v in config.items()}
+        else:
+            raise LoRAConfigError(
+                f"config must be a LoRAConfig or a mapping of its fields, got {type(config).__name__}."
+            )
+        values.update(overrides)
+        values.pop("_target_", None)
+        unknown = [k for k in values if k not in cls.field_names()]
+        if unknown:
+            raise LoRAConfigError(_unknown_fields_message(unknown, cls.field_names()))
+        return cls(**values)
+
+
+# What PEFT users type out of habit, and the field that means it here.
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "modules_to_save": "trainable_modules",
+    "init_lora_weights": "init",
+    "targets": "target_modules",
+}
+
+
+def _unknown_fields_message(unknown: list[str], known: list[str]) -> str:
+    parts = []
+    for key in unknown:
+        close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        parts.append(f"'{key}'{hint}")
+    return f"LoRAConfig has no field {', '.join(parts)}. Its fields are: {', '.join(known)}."
+
+
+def _positive_int(name: str, value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LoRAConfigError(
+            f"LoRAConfig.{name} must be a positive int ({what}), got {value!r} ({type(value).__name__})."
+        )
+    if value <= 0:
+        raise LoRAConfigError(f"LoRAConfig.{name} must be a positive int ({what}), got {value}.")
+    return value
+
+
+def _positive_number(name: str, value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LoRAConfigError(
+            f"LoRAConfig.{name} must be a positive number ({what}), got {value!r} ({type(value).__name__})."
+        )
+    if not value > 0 or value == float("inf"):
+        raise LoRAConfigError(f"LoRAConfig.{name} must be a positive number ({what}), got {value}.")
+    return float(value)
+
+
+def _probability(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise LoRAConfigError(
+            f"LoRAConfig.{name} must be a probability in [0, 1), got {value!r}; use 0.0 for no dropout or e.g. 0.05."
+        )
+    return float(value)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise LoRAConfigError(
+            f"LoRAConfig.{name}={value!r} is not supported; choose one of {', '.join(repr(a) for a in allowed)}.{hint}"
+        )
+    return value
+
+
+def _names(name: str, value: Any) -> list[str]:
+    """A list of module names; a lone string is one name. Accepts OmegaConf ListConfig."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, Iterable) or isinstance(items, Mapping):
+        raise LoRAConfigError(f"LoRAConfig.{name} must be a list of module names, got {value!r}.")
+    items = list(items)
+    bad = [i for i in items if not isinstance(i, str) or not i]
+    if bad:
+        raise LoRAConfigError(f"LoRAConfig.{name} must hold non-empty module names (strings), got {bad!r}.")
+    return items
+
+
+def _targets(value: Any) -> str | list[str]:
+    if isinstance(value, str):
+        if value != ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise LoRAConfigError(
+                    f"LoRAConfig.target_modules={value!r} is a string, so it is read as a regular "
+                    f"expression, and it does not compile ({err}). Pass a list of names such as "
+                    f"['query', 'value'], or '{ALL_LINEAR}'."
+                ) from None
+        return value
+    names = _names("target_modules", value)
+    if not names:
+        raise LoRAConfigError(
+            f"LoRAConfig.target_modules is empty: name the modules to adapt, e.g. "
+            f"['query', 'value'], or use '{ALL_LINEAR}'."
+        )
+    return names
+
+
+def _projections(value: Any) -> list[str]:
+    names = _names("mha_projections", value)
+    bad = [n for n in names if n not in MHA_PROJECTIONS]
+    if bad or not names or len(set(names)) != len(names):
+        raise LoRAConfigError(
+            f"LoRAConfig.mha_projections must be a non-empty subset of ['q', 'k', 'v'] without repeats, got {names!r}."
+        )
+    return [p for p in MHA_PROJECTIONS if p in names]
