@@ -1,0 +1,242 @@
+"""The LoRA math: trainable low-rank updates beside frozen weights (Hu et al. 2021, §4.1).
+
+::
+
+    x ──► W (frozen, d_out × d_in) ─────────────────────────────────┐
+    │                                                               (+)──► y
+    └──► dropout ──► A (r × d_in) ──► B (d_out × r) ──► × alpha/r ──┘
+
+    y = x Wᵀ + b + (alpha/r) · dropout(x) Aᵀ Bᵀ        ΔW = (alpha/r) · B A
+
+``A`` starts random and ``B`` at zero, so ``ΔW = 0`` and the model is unchanged at step 0; only
+``A`` and ``B`` train. ``W ← W + ΔW`` (merge) gives a plain layer with no extra inference cost.
+
+Two carriers share one parameter bank (:class:`LoRALayer`):
+
+* :class:`LoRALinear` wraps an ``nn.Linear`` and applies the update on the activations
+  (``x Aᵀ Bᵀ``: ``r · (d_in + d_out)`` multiply-adds per token, never a ``d_out × d_in`` matrix).
+* :class:`LoRAParametrization` adds ``ΔW`` to a weight *tensor* through
+  ``torch.nn.utils.parametrize``. ``nn.MultiheadAttention`` needs this: it reads
+  ``in_proj_weight`` and ``out_proj.weight`` directly (and ``nn.TransformerEncoderLayer``'s
+  inference fast path never calls its ``forward``), so an update that lived in a wrapped
+  ``forward`` would be skipped silently.
+
+A layer holds any number of named adapters; ``active_adapters`` says which ones its forward adds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import LoRAStateError
+
+
+def init_lora_(A: Tensor, B: Tensor, init: str) -> None:
+    """Initialise ``A: (r, d_in)`` and ``B: (d_out, r)`` in place.
+
+    ``"zeros_b"``: ``A`` Kaiming-uniform as ``nn.Linear`` initialises its weight (the paper's
+    code), ``B = 0``. ``"gaussian"``: both ``N(0, 0.01²)``. Drawn in float32 and then cast, so a
+    bf16 adapter starts from the same numbers as an fp32 one.
+    """
+    a, b = torch.empty(A.shape, device=A.device), torch.empty(B.shape, device=B.device)
+    if init == "zeros_b":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+    elif init == "gaussian":
+        nn.init.normal_(a, std=0.01)
+        nn.init.normal_(b, std=0.01)
+    else:  # LoRAConfig validates this; direct callers get the same answer.
+        raise ValueError(f"unknown init {init!r}; use 'zeros_b' or 'gaussian'")
+    with torch.no_grad():
+        A.copy_(a)
+        B.copy_(b)
+
+
+class LoRALayer(nn.Module):
+    """The trainable part of LoRA for one frozen weight (or a block of its rows).
+
+    Holds, per adapter name, ``lora_A[name]: (r, d_in)`` and ``lora_B[name]: (d_out, r)`` and the
+    adapter's rank, scale and dropout. Subclasses decide where the update is applied.
+    ``rows`` selects a block of rows of the host weight (q, k or v of a fused projection);
+    ``None`` means the whole weight.
+    """
+
+    def __init__(self, d_out: int, d_in: int, rows: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.d_out, self.d_in, self.rows = d_out, d_in, rows
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.init: dict[str, str] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        init: str = "zeros_b",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Create adapter ``name`` (not yet active: see :meth:`set_active`)."""
+        if name in self.lora_A:
+            raise LoRAStateError(f"this layer already has an adapter named {name!r}")
+        A = torch.empty(r, self.d_in, dtype=dtype, device=device)
+        B = torch.empty(self.d_out, r, dtype=dtype, device=device)
+        if A.device.type != "meta":  # meta tensors are initialised by reset_parameters later
+            init_lora_(A, B, init)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.r[name], self.scaling[name], self.dropout[name] = r, scaling, dropout
+        self.init[name] = init
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise LoRAStateError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        del self.lora_A[name], self.lora_B[name]
+        for table in (self.r, self.scaling, self.dropout, self.init):
+            table.pop(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def set_active(self, names: Iterable[str]) -> None:
+        names = list(names)
+        missing = [n for n in names if n not in self.lora_A]
+        if missing:
+            raise LoRAStateError(f"no adapter named {missing}; this layer has {self.adapter_names}")
+        self.active_adapters = names
+
+    def reset_parameters(self) -> None:
+        """Re-draw every adapter as at creation: lets FSDP materialise meta-device adapters."""
+        for name in self.adapter_names:
+            init_lora_(self.lora_A[name], self.lora_B[name], self.init[name])
+
+    def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``ΔW = scaling · B A`` of shape ``(d_out, d_in)``, computed in ``dtype``."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        return (B.to(dtype) @ A.to(dtype)) * self.scaling[name]
+
+    def unmerged_active(self) -> list[str]:
+        """Adapters the forward pass must add: active, not disabled, not already in ``W``."""
+        if self.adapters_disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def region(self, weight: Tensor) -> Tensor:
+        """The part of the host ``weight`` this layer adapts (a view, so writes reach it)."""
+        return weight if self.rows is None else weight[self.rows[0] : self.rows[1]]
+
+    @torch.no_grad()
+    def merged_region(self, weight: Tensor, names: Iterable[str], sign: float = 1.0) -> Tensor:
+        """``region(W) ± Σ ΔW`` in float32, without writing: merge computes in fp32 and casts
+        once, so a bf16 merge rounds once instead of once per adapter."""
+        out = self.region(weight).float()
+        for name in names:
+            out = out.add(self.delta_weight(name), alpha=sign)
+        return out
+
+    @torch.no_grad()
+    def merge(self, weight: Tensor, names: Iterable[str]) -> None:
+        """Write ``W ← W + Σ ΔW`` into ``weight`` (the host tensor) and mark ``names`` merged."""
+        names = list(names)
+        self.region(weight).copy_(self.merged_region(weight, names))
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self, weight: Tensor) -> list[str]:
+        """Write ``W ← W − Σ ΔW`` for every merged adapter; returns their names."""
+        names, self.merged_adapters = self.merged_adapters, []
+        if names:
+            self.region(weight).copy_(self.merged_region(weight, names, sign=-1.0))
+        return names
+
+    def extra_repr(self) -> str:
+        rows = "" if self.rows is None else f", rows={self.rows[0]}:{self.rows[1]}"
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
+        return f"d_out={self.d_out}, d_in={self.d_in}{rows}, adapters=[{ranks}]"
+
+
+class LoRALinear(LoRALayer):
+    """An ``nn.Linear`` (or subclass) plus LoRA updates applied on the activations.
+
+    ``base_layer`` is the original module, called as is, so a subclass's own ``forward`` keeps
+    working. ``weight`` and ``bias`` read through to it for code that inspects them.
+    """
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__(base_layer.out_features, base_layer.in_features)
+        self.base_layer = base_layer
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def host_weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def lora_output(self, x: Tensor, name: str) -> Tensor:
+        """``dropout(x) Aᵀ Bᵀ`` for one adapter, unscaled, in the adapter's dtype."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        p = self.dropout[name]
+        if p > 0.0 and self.training:  # no dropout kernel at all when p == 0
+            x = F.dropout(x, p=p, training=True)
+        return F.linear(F.linear(x.to(A.dtype), A), B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        for name in self.unmerged_active():
+            # One fused kernel for "scale and add" instead of a multiply and an add.
+            y = torch.add(y, self.lora_output(x, name).to(y.dtype), alpha=self.scaling[name])
+        return y
+
+
+class LoRAParametrization(LoRALayer):
+    """A parametrization ``W ↦ W + Σ ΔW`` on (a row block of) a weight tensor.
+
+    Registered with ``torch.nn.utils.parametrize``, so every read of the tensor (a module's own
+    forward, a fused fast path, an optimiser hook) sees the adapted weight. ``label`` names the
+    block ("q", "k", "v" of a fused in-projection; "" for a whole tensor).
+    """
+
+    def __init__(self, d_out: int, d_in: int, rows: tuple[int, int] | None = None, label: str = "") -> None:
+        super().__init__(d_out, d_in, rows)
+        self.label = label
+
+    def forward(self, weight: Tensor) -> Tensor:
+        names = self.unmerged_active()
+        if not names:
+            return weight
+        delta = self.delta_weight(names[0], dtype=self.lora_A[names[0]].dtype)
+        for name in names[1:]:
+            delta = delta + self.delta_weight(name, dtype=self.lora_A[name].dtype)
+        delta = delta.to(weight.dtype)
+        if self.rows is None:
+            return weight + delta
+        start, end = self.rows
+        return torch.cat([weight[:start], weight[start:end] + delta, weight[end:]])
