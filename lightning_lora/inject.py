@@ -1,0 +1,590 @@
+"""Putting LoRA into a model and taking it out again: plain functions over any ``nn.Module``.
+
+``inject_lora`` replaces each targeted ``nn.Linear`` by a :class:`~lightning_lora.layers.LoRALinear`
+and parametrizes the weights of each targeted ``nn.MultiheadAttention``; it freezes every other
+parameter. ``merge_lora`` / ``unmerge_lora`` move ``ΔW`` in and out of ``W``; ``unload_lora`` gives
+the original module types back, so the state dict has the original keys. Nothing here changes
+weights unless called: there is no merge hidden in ``train()`` / ``eval()``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .config import ALL_LINEAR, LoRAConfig
+from .errors import LoRAStateError, LoRATargetError
+from .layers import LoRALayer, LoRALinear, LoRAParametrization
+
+SUPPORTED = "nn.Linear (and its subclasses), nn.MultiheadAttention"
+# Parents that read their Linear children's ``.weight`` directly instead of calling them:
+# MultiheadAttention (out_proj) and TransformerEncoderLayer's inference fast path (linear1,
+# linear2). Their Linears are adapted through a weight parametrization, never a wrapper.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+_STATE_ATTR = "_lightning_lora"
+
+
+@dataclass
+class LoRAState:
+    """What injection must remember to be undone exactly; kept on the root module."""
+
+    configs: dict[str, LoRAConfig] = field(default_factory=dict)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    param_order: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A module ``inject_lora`` will adapt, with its parent (to swap it there)."""
+
+    name: str
+    module: nn.Module
+    parent: nn.Module | None
+    with_out_proj: bool = True  # for an nn.MultiheadAttention: adapt its out_proj as well
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One adapted weight: its display ``name``, the module ``path`` of its LoRA layer, the
+    layer, and the host weight tensor that merging writes into."""
+
+    name: str
+    path: str
+    layer: LoRALayer
+    weight: Tensor
+
+
+def lora_state(model: nn.Module) -> LoRAState | None:
+    """The injection record of ``model``, or ``None`` if nothing was injected."""
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def lora_config(model: nn.Module, adapter_name: str = "default") -> LoRAConfig:
+    """The config adapter ``adapter_name`` was injected (or loaded) with."""
+    state = lora_state(model)
+    if state is None or adapter_name not in state.configs:
+        known = sorted(state.configs) if state else []
+        raise LoRAStateError(f"model has no adapter named {adapter_name!r} (adapters: {known})")
+    return state.configs[adapter_name]
+
+
+# --------------------------------------------------------------------------- finding targets
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+    """(name, module, parent) for every module a pattern may name: a LoRALinear stands for the
+    Linear it wraps, and LoRA's own internals (banks, parametrizations) are never candidates."""
+    seen: set[int] = set()
+
+    def visit(prefix: str, module: nn.Module, parent: nn.Module | None) -> Iterator[Any]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if prefix:
+            yield prefix, module, parent
+        if isinstance(module, LoRALinear):
+            return
+        for child_name, child in module.named_children():
+            if child_name == "parametrizations" and parametrize.is_parametrized(module):
+                continue
+            yield from visit(f"{prefix}.{child_name}" if prefix else child_name, child, module)
+
+    yield from visit("", model, None)
+
+
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, LoRALinear, nn.MultiheadAttention))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """PEFT's rule for a list entry: the full name, or a dotted suffix of it."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _short_names(names: Iterable[str]) -> str:
+    counts = Counter(n.rsplit(".", 1)[-1] for n in names)
+    shown = [f"{k} ({v})" if v > 1 else k for k, v in counts.most_common(8)]
+    more = f", ... ({len(counts) - 8} more)" if len(counts) > 8 else ""
+    return ", ".join(shown) + more
+
+
+def _no_match_message(field_name: str, pattern: str, candidates: list[str], adaptable: list[str]) -> str:
+    short = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    close = difflib.get_close_matches(pattern.rsplit(".", 1)[-1], short, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    listing = _short_names(adaptable) if adaptable else "none"
+    return f"{field_name} entry {pattern!r} matched no module.{hint} Adaptable modules here ({SUPPORTED}): {listing}."
+
+
+def resolve_modules(model: nn.Module, patterns: list[str], field_name: str) -> list[str]:
+    """Names of the modules that the name/suffix list ``patterns`` selects; every entry must
+    select at least one module, so a typo fails instead of silently selecting nothing."""
+    walked = [(n, m) for n, m, _ in _walk(model)]
+    names = [n for n, _ in walked]
+    selected: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if _matches(n, pattern)]
+        if not hits:
+            adaptable = [n for n, m in walked if _supported(m)]
+            raise LoRATargetError(_no_match_message(field_name, pattern, names, adaptable))
+        selected.extend(h for h in hits if h not in selected)
+    return selected
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
+    """The modules ``config`` adapts, checked: each must be a supported type, none may be
+    excluded or inside a ``trainable_modules`` entry."""
+    walked = list(_walk(model))
+    adaptable = [n for n, m, _ in walked if _supported(m)]
+    spec = config.target_modules
+    if spec == ALL_LINEAR:
+        chosen = [(n, m, p) for n, m, p in walked if _supported(m)]
+        if not chosen:
+            raise LoRATargetError(
+                f"target_modules='{ALL_LINEAR}' found no {SUPPORTED} in {type(model).__name__}; "
+                f"LoRA needs at least one such layer (the root module itself is never replaced)."
+            )
+    elif isinstance(spec, str):
+        regex = re.compile(spec)
+        chosen = [(n, m, p) for n, m, p in walked if regex.fullmatch(n)]
+        if not chosen:
+            raise LoRATargetError(
+                f"target_modules regex {spec!r} matched no module name (it must match the whole "
+                f"name, e.g. r'.*\\.(query|value)'). Adaptable modules here: {_short_names(adaptable)}."
+            )
+    else:
+        chosen = []
+        for pattern in spec:
+            hits = [(n, m, p) for n, m, p in walked if _matches(n, pattern)]
+            if not hits:
+                raise LoRATargetError(
+                    _no_match_message("target_modules", pattern, [n for n, _, _ in walked], adaptable)
+                )
+            chosen.extend(h for h in hits if h not in chosen)
+    if spec != ALL_LINEAR:
+        unsupported = [(n, m) for n, m, _ in chosen if not _supported(m)]
+        if unsupported:
+            name, module = unsupported[0]
+            inner = [n for n in adaptable if n.startswith(name + ".")][:3]
+            fix = f" Target its layers instead, e.g. {inner}." if inner else ""
+            raise LoRATargetError(
+                f"target_modules={spec!r} selects {name!r} of type {type(module).__name__}, which "
+                f"LoRA cannot adapt (supported: {SUPPORTED}).{fix}"
+            )
+    excluded = set(resolve_modules(model, config.exclude_modules, "exclude_modules"))
+    trainable = resolve_modules(model, config.trainable_modules, "trainable_modules")
+
+    def kept(name: str) -> bool:
+        inside_trainable = any(name == t or name.startswith(t + ".") for t in trainable)
+        return name not in excluded and not inside_trainable
+
+    chosen = [(n, m, p) for n, m, p in chosen if kept(n)]
+    names = {n for n, _, _ in chosen}
+    # An out_proj inside a chosen MultiheadAttention is adapted with it, not on its own.
+    chosen = [
+        (n, m, p) for n, m, p in chosen if not (isinstance(p, nn.MultiheadAttention) and n.rsplit(".", 1)[0] in names)
+    ]
+    if not chosen:
+        raise LoRATargetError(
+            f"target_modules={spec!r} matched only modules that exclude_modules or "
+            f"trainable_modules remove; nothing is left to adapt."
+        )
+    return [Selected(n, m, p, with_out_proj=f"{n}.out_proj" not in excluded) for n, m, p in chosen]
+
+
+# --------------------------------------------------------------------------------- injecting
+
+
+def _adapter_dtype(config: LoRAConfig, weight: Tensor) -> torch.dtype:
+    if config.adapter_dtype is not None:
+        return getattr(torch, config.adapter_dtype)
+    if not weight.is_floating_point():
+        raise LoRATargetError(
+            f"cannot follow a {weight.dtype} base weight for the adapter dtype; set adapter_dtype='float32'."
+        )
+    return weight.dtype
+
+
+def _add(layer: LoRALayer, config: LoRAConfig, name: str, weight: Tensor) -> None:
+    layer.add_adapter(
+        name,
+        r=config.r,
+        scaling=config.scaling,
+        dropout=config.dropout,
+        init=config.init,
+        dtype=_adapter_dtype(config, weight),
+        device=weight.device,
+    )
+
+
+def _parametrize(
+    module: nn.Module,
+    tensor_name: str,
+    rows: tuple[int, int] | None,
+    label: str,
+    config: LoRAConfig,
+    adapter_name: str,
+    state: LoRAState,
+    path: str,
+) -> None:
+    if config.dropout > 0:
+        raise LoRATargetError(
+            f"dropout={config.dropout} cannot apply to {path}.{tensor_name}: adapters of "
+            f"nn.MultiheadAttention act on its weights, not on its input. Set dropout=0.0, or "
+            f"exclude the attention modules."
+        )
+    if parametrize.is_parametrized(module, tensor_name):
+        chain = getattr(module.parametrizations, tensor_name)
+        weight = chain.original
+        for existing in chain:
+            if isinstance(existing, LoRAParametrization) and existing.label == label:
+                _add(existing, config, adapter_name, weight)
+                return
+    else:
+        weight = getattr(module, tensor_name)
+        state.param_order.setdefault(path, list(module._parameters))
+    d_out = weight.shape[0] if rows is None else rows[1] - rows[0]
+    layer = LoRAParametrization(d_out, weight.shape[1], rows=rows, label=label)
+    _add(layer, config, adapter_name, weight)
+    parametrize.register_parametrization(module, tensor_name, layer)
+
+
+def _adapt_mha(
+    mha: nn.MultiheadAttention,
+    path: str,
+    config: LoRAConfig,
+    adapter_name: str,
+    state: LoRAState,
+    with_out_proj: bool,
+) -> None:
+    E = mha.embed_dim
+    for i, proj in enumerate("qkv"):
+        if proj not in config.mha_projections:
+            continue
+        if mha._qkv_same_embed_dim:
+            rows = (i * E, (i + 1) * E)
+            _parametrize(mha, "in_proj_weight", rows, proj, config, adapter_name, state, path)
+        else:
+            _parametrize(mha, f"{proj}_proj_weight", None, proj, config, adapter_name, state, path)
+    if with_out_proj:
+        _parametrize(mha.out_proj, "weight", None, "", config, adapter_name, state, f"{path}.out_proj")
+
+
+def inject_lora(
+    model: nn.Module,
+    config: LoRAConfig | None = None,
+    *,
+    adapter_name: str = "default",
+    **config_fields: Any,
+) -> list[str]:
+    """Add a LoRA adapter to the modules ``config`` selects; freeze everything else.
+
+    Trainable afterwards: the new adapter's ``A``/``B`` and the ``trainable_modules``. The new
+    adapter becomes the only active one. Returns the adapted weights' names (a Linear by its
+    module name; ``...self_attn.in_proj_weight[q]`` for a block of a fused projection).
+
+    Raises :class:`LoRATargetError` for patterns that match nothing or unsupported layers,
+    :class:`LoRAStateError` if ``adapter_name`` is already injected.
+    """
+    config = LoRAConfig.build(config, **config_fields)
+    targets = find_targets(model, config)
+    already = [t.name for t in lora_layers(model) if adapter_name in t.layer.lora_A]
+    if already:
+        raise LoRAStateError(
+            f"adapter {adapter_name!r} is already injected into {len(set(already))} module(s) "
+            f"(e.g. {already[0]!r}). Call unload_lora(model) first, or give the new adapter "
+            f"another name: inject_lora(model, config, adapter_name='second')."
+        )
+    state = lora_state(model)
+    if state is None:
+        state = LoRAState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        model.__dict__[_STATE_ATTR] = state
+    for t in targets:
+        if isinstance(t.module, LoRALinear):
+            _add(t.module, config, adapter_name, t.module.weight)
+        elif isinstance(t.module, nn.MultiheadAttention):
+            _adapt_mha(t.module, t.name, config, adapter_name, state, t.with_out_proj)
+        elif isinstance(t.parent, _READS_CHILD_WEIGHTS):
+            _parametrize(t.module, "weight", None, "", config, adapter_name, state, t.name)
+        else:
+            wrapped = LoRALinear(t.module)
+            _add(wrapped, config, adapter_name, t.module.weight)
+            setattr(t.parent, t.name.rsplit(".", 1)[-1], wrapped)
+    state.configs[adapter_name] = config
+    set_adapter(model, adapter_name)
+    mark_only_lora_as_trainable(model, adapter_name, config.trainable_modules)
+    return [t.name for t in lora_layers(model) if adapter_name in t.layer.lora_A]
+
+
+# ------------------------------------------------------------------------ walking LoRA layers
+
+
+def lora_layers(model: nn.Module) -> Iterator[LoRATarget]:
+    """Every adapted weight of ``model``, in module order."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield LoRATarget(path, path, module, module.base_layer.weight)
+        elif parametrize.is_parametrized(module):
+            for tensor_name, chain in module.parametrizations.items():
+                for i, layer in enumerate(chain):
+                    if not isinstance(layer, LoRAParametrization):
+                        continue
+                    if tensor_name == "weight":
+                        name = path
+                    else:
+                        name = f"{path}.{tensor_name}" + (f"[{layer.label}]" if layer.rows else "")
+                    prefix = f"{path}.parametrizations.{tensor_name}.{i}"
+                    yield LoRATarget(name, prefix.lstrip("."), layer, chain.original)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return next(lora_layers(model), None) is not None
+
+
+def _require_layers(model: nn.Module, action: str) -> list[LoRATarget]:
+    targets = list(lora_layers(model))
+    if not targets:
+        raise LoRAStateError(f"cannot {action}: the model has no LoRA layers; call inject_lora first.")
+    return targets
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name present in the model, in order of first appearance."""
+    names: list[str] = []
+    for target in lora_layers(model):
+        names.extend(n for n in target.layer.adapter_names if n not in names)
+    return names
+
+
+def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
+    """Make ``names`` the active adapter(s) of every layer that has them (the others go
+    inactive). Several names add their updates. No weights are loaded or changed."""
+    names = [names] if isinstance(names, str) else list(names)
+    present = adapter_names(model)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise LoRAStateError(f"no adapter named {missing} in the model; adapters: {present}")
+    for target in lora_layers(model):
+        target.layer.set_active([n for n in names if n in target.layer.lora_A])
+
+
+def lora_parameters(model: nn.Module, adapter_name: str | Iterable[str] | None = None) -> list[nn.Parameter]:
+    """The ``A``/``B`` parameters of ``adapter_name`` (default: every adapter), in model order."""
+    wanted = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for target in lora_layers(model):
+        for name in target.layer.adapter_names:
+            if wanted is not None and name not in wanted:
+                continue
+            for p in (target.layer.lora_A[name], target.layer.lora_B[name]):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return params
+
+
+def trainable_module_names(model: nn.Module, adapter_name: str | None = None) -> list[str]:
+    """Module names that the config(s) of ``model`` keep fully trainable."""
+    state = lora_state(model)
+    if state is None:
+        return []
+    configs = state.configs.values() if adapter_name is None else [state.configs[adapter_name]]
+    names: list[str] = []
+    for config in configs:
+        for n in resolve_modules(model, config.trainable_modules, "trainable_modules"):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def mark_only_lora_as_trainable(
+    model: nn.Module,
+    adapter_name: str | Iterable[str] | None = None,
+    trainable_modules: Iterable[str] = (),
+) -> None:
+    """``requires_grad`` on the given adapters' ``A``/``B`` and the named modules, off elsewhere."""
+    keep = {id(p) for p in lora_parameters(model, adapter_name)}
+    for module_name in resolve_modules(model, list(trainable_modules), "trainable_modules"):
+        keep.update(id(p) for p in model.get_submodule(module_name).parameters())
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def lora_state_dict(
+    model: nn.Module, adapter_name: str | None = None, include_trainable: bool = True
+) -> dict[str, Tensor]:
+    """The adapter's tensors under their ``model.state_dict()`` keys: ``A``/``B`` of
+    ``adapter_name`` (default: all) and, with ``include_trainable``, the full state of the
+    ``trainable_modules``. Small enough to save every step; enough to restore training."""
+    ids = {id(p) for p in lora_parameters(model, adapter_name)}
+    out = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+    if include_trainable:
+        for module_name in trainable_module_names(model, adapter_name):
+            out.update(model.get_submodule(module_name).state_dict(prefix=f"{module_name}."))
+    return out
+
+
+# ---------------------------------------------------------------------------- merge / unload
+
+
+def merge_lora(model: nn.Module, adapter_names: str | Iterable[str] | None = None, safe: bool = True) -> None:
+    """``W ← W + ΔW`` for the active adapters (or ``adapter_names``), computed in float32 and
+    cast once to ``W``'s dtype. With ``safe``, every result is checked for NaN/Inf before any
+    weight is written, so a poisoned adapter leaves the whole model untouched."""
+    targets = _require_layers(model, "merge")
+    wanted = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    plan = []
+    for target in targets:
+        names = target.layer.active_adapters if wanted is None else [n for n in wanted if n in target.layer.lora_A]
+        done = [n for n in names if n in target.layer.merged_adapters]
+        if done:
+            raise LoRAStateError(
+                f"adapter {done[0]!r} is already merged into {target.name!r}; merging twice would "
+                f"add ΔW twice. Call unmerge_lora(model) first."
+            )
+        if names:
+            plan.append((target, names))
+    if not plan:
+        raise LoRAStateError("nothing to merge: no active adapter (see set_adapter).")
+    if safe:
+        for target, names in plan:
+            merged = target.layer.merged_region(target.weight, names).to(target.weight.dtype)
+            if not torch.isfinite(merged).all():
+                raise LoRAStateError(
+                    f"merging adapter(s) {names} into {target.name!r} gives NaN or Inf in "
+                    f"{target.weight.dtype}; no weight was changed. Check the adapter's "
+                    f"tensors (lightning-lora inspect) or train with a lower learning rate."
+                )
+    for target, names in plan:
+        target.layer.merge(target.weight, names)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """``W ← W − ΔW`` for every merged adapter (exact in fp32; in bf16 within a rounding of
+    ``|W| + |ΔW|``, see the README)."""
+    targets = _require_layers(model, "unmerge")
+    if not any(t.layer.merged_adapters for t in targets):
+        raise LoRAStateError("nothing to unmerge: no adapter is merged (see merge_lora).")
+    for target in targets:
+        target.layer.unmerge(target.weight)
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove LoRA: with ``merge`` the active adapters stay in ``W`` (a plain, fast model);
+    without, ``W`` is restored and every adapter discarded. The original module types,
+    state-dict keys (in their order) and ``requires_grad`` flags come back."""
+    targets = _require_layers(model, "unload")
+    if merge:
+        pending = any(t.layer.unmerged_active() for t in targets)
+        if pending:
+            names = [n for n in adapter_names(model) if any(n in t.layer.unmerged_active() for t in targets)]
+            merge_lora(model, names)
+    elif any(t.layer.merged_adapters for t in targets):
+        unmerge_lora(model)
+    state = lora_state(model) or LoRAState()
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.base_layer)
+    for path, module in list(model.named_modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name in list(module.parametrizations):
+            chain = getattr(module.parametrizations, tensor_name)
+            if not all(isinstance(p, LoRAParametrization) for p in chain):
+                raise LoRAStateError(
+                    f"{path}.{tensor_name} carries parametrizations besides LoRA's; "
+                    f"lightning-lora cannot remove its own without removing those."
+                )
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        order = state.param_order.get(path)
+        if order:
+            for key in order:
+                if key in module._parameters:
+                    module._parameters[key] = module._parameters.pop(key)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
+    model.__dict__.pop(_STATE_ATTR, None)
+    return model
+
+
+# ----------------------------------------------------------------------------------- stats
+
+
+@dataclass(frozen=True)
+class AdaptedModule:
+    """One adapted weight as reported: name, ``(d_out, d_in)``, rank, added parameters."""
+
+    name: str
+    shape: tuple[int, int]
+    r: int
+    params: int
+
+
+@dataclass(frozen=True)
+class ParameterStats:
+    """Trainable vs total parameters (LoRA's included in both) and the adapted weights."""
+
+    trainable: int
+    total: int
+    modules: list[AdaptedModule]
+
+    @property
+    def ratio(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def as_metrics(self, prefix: str = "lora/") -> dict[str, float]:
+        return {
+            f"{prefix}trainable_params": float(self.trainable),
+            f"{prefix}total_params": float(self.total),
+            f"{prefix}trainable_ratio": self.ratio,
+        }
+
+    def table(self) -> str:
+        """Adapted weights grouped across repeated blocks (``layer.*.query  ×6``)."""
+        groups: dict[tuple[str, tuple[int, int], int], list[AdaptedModule]] = {}
+        for m in self.modules:
+            key = (re.sub(r"\.\d+\.", ".*.", m.name), m.shape, m.r)
+            groups.setdefault(key, []).append(m)
+        rows = [("module", "shape", "r", "added params")]
+        for (name, shape, r), ms in groups.items():
+            count = f"  ×{len(ms)}" if len(ms) > 1 else ""
+            rows.append((name + count, f"{shape[0]}×{shape[1]}", str(r), f"{sum(m.params for m in ms):,}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            for row in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"trainable {self.trainable:,} / total {self.total:,} parameters ({100 * self.ratio:.3f}%)")
+        return "\n".join(lines)
+
+
+def parameter_stats(model: nn.Module) -> ParameterStats:
+    """Counts for logging: every parameter once, LoRA's included; one row per adapted weight
+    and adapter (with several adapters, each has its own row)."""
+    params = list(model.parameters())
+    modules = [
+        AdaptedModule(
+            t.name,
+            (t.layer.d_out, t.layer.d_in),
+            t.layer.r[name],
+            t.layer.lora_A[name].numel() + t.layer.lora_B[name].numel(),
+        )
+        for t in lora_layers(model)
+        for name in t.layer.adapter_names
+    ]
+    return ParameterStats(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        modules=modules,
+    )
