@@ -1,0 +1,105 @@
+"""The Hydra entry point: real composition, real subprocess runs, a real offline W&B run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+
+from lightning_lora import LoRACallback
+from lightning_lora.train import CONF_DIR
+
+from .wandb_offline import read_offline_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
+
+
+def test_default_config_is_lora_on_minilm_with_offline_wandb():
+    cfg = composed()
+    assert cfg.lora._target_ == "lightning_lora.LoRACallback"
+    assert cfg.model.encoder._target_ == "lightning_lora.task.load_minilm"
+    assert cfg.logger.wandb.offline is True
+
+
+def test_overrides_reach_the_callback_and_trainer():
+    cfg = composed("lora.r=4", "lora.target_modules=[query,value]", "trainer.max_epochs=1", "logger=csv")
+    callback = instantiate(cfg.lora)
+    assert isinstance(callback, LoRACallback)
+    assert (callback.config.r, callback.config.target_modules) == (4, ["query", "value"])
+    assert cfg.trainer.max_epochs == 1
+    assert list(cfg.logger) == ["csv"]
+
+
+def test_misspelled_lora_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException, match="rank"):
+        composed("lora.rank=4")
+    cfg = composed("+lora.rank=4")  # forced in: the callback refuses it by name
+    with pytest.raises(InstantiationException, match=r"no field 'rank' \(did you mean 'r'\?\)"):
+        instantiate(cfg.lora)
+
+
+def test_bad_value_fails_at_construction_naming_the_field():
+    with pytest.raises(InstantiationException, match=r"LoRAConfig\.r must be a positive int"):
+        instantiate(composed("lora.r=0").lora)
+
+
+def test_baseline_methods_drop_lora_and_rank_methods_set_r():
+    head_only = composed("method=head_only")
+    assert "lora" not in head_only and head_only.model.freeze_encoder is True
+    assert "lora" not in composed("method=full_finetune")
+    assert composed("method=lora_r64").lora.r == 64
+    assert composed("method=lora_r64", "lora.r=3").lora.r == 3  # the command line still wins
+
+
+def run_train(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    where = f"hydra.sweep.dir={tmp_path}" if multirun else f"hydra.run.dir={tmp_path}"
+    cmd = [sys.executable, "-m", "lightning_lora.train", *(["-m"] if multirun else []), where, *overrides]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_fast_dev_run_of_the_default_job(tmp_path):
+    run_train(tmp_path, "trainer.fast_dev_run=true")
+    # fast_dev_run disables every logger: the adapter lands under default_root_dir.
+    assert (tmp_path / "lora_adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_two_steps_with_the_default_wandb_logger_record_the_lora_figures(tmp_path):
+    run_train(tmp_path, "trainer.max_steps=2", "data.limit_val=64", "test=false")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    assert run.history["lora/trainable_params"] == 339_476  # r=8 on every Linear of MiniLM, plus the head
+    assert run.history["lora/total_params"] > 22_000_000
+    assert 0 < run.history["lora/trainable_ratio"] < 0.05
+    assert run.config["lora"]["r"] == 8 and run.config["lora"]["target_modules"] == "all-linear"
+    assert run.config["model"]["encoder"]["_target_"] == "lightning_lora.task.load_minilm"  # resolved Hydra config
+    figures = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert figures["perf/steps"] == 2 and figures["lora/adapter_bytes"] > 0
+    assert (tmp_path / "lora_adapter" / "adapter_config.json").is_file()  # <WandbLogger.save_dir>/lora_adapter
+
+
+def test_each_multirun_job_is_its_own_wandb_run_in_one_group(tmp_path):
+    run_train(
+        tmp_path, "model=tiny", "trainer.max_steps=2", "data.limit_val=32", "test=false", "seed=0,1", multirun=True
+    )
+    runs = [read_offline_run(d) for d in sorted(tmp_path.glob("*/wandb/offline-run-*"))]
+    assert len(runs) == 2
+    assert runs[0].run_id != runs[1].run_id
+    assert runs[0].group == runs[1].group and runs[0].group.startswith("train@")
+    assert ["seed=0" in r.name for r in runs] == [True, False] and "seed=1" in runs[1].name
+    assert [r.config["seed"] for r in runs] == [0, 1]
+    assert all(r.history["perf/steps"] == 2 for r in runs)
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 2
