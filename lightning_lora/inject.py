@@ -294,6 +294,7 @@ def inject_lora(
     Raises :class:`LoRATargetError` for patterns that match nothing or unsupported layers,
     :class:`LoRAStateError` if ``adapter_name`` is already injected.
     """
+    check_adapter_name(adapter_name)
     config = LoRAConfig.build(config, **config_fields)
     targets = find_targets(model, config)
     already = [t.name for t in lora_layers(model) if adapter_name in t.layer.lora_A]
@@ -324,6 +325,18 @@ def inject_lora(
     return [t.name for t in lora_layers(model) if adapter_name in t.layer.lora_A]
 
 
+def check_adapter_name(name: Any) -> None:
+    """An adapter name becomes a key of ``nn.ParameterDict`` and part of state-dict keys: it
+    must be a non-empty string without dots that is not an attribute of ``nn.ParameterDict``."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ParameterDict, name):
+        why = (
+            "it is an attribute of nn.ParameterDict, which holds the adapters"
+            if isinstance(name, str) and name and "." not in name
+            else "adapter names are non-empty strings without dots (they become state-dict keys)"
+        )
+        raise LoRAStateError(f"adapter_name={name!r} cannot be used: {why}. Choose another, e.g. 'task_a'.")
+
+
 # ------------------------------------------------------------------------ walking LoRA layers
 
 
@@ -347,6 +360,65 @@ def lora_layers(model: nn.Module) -> Iterator[LoRATarget]:
 
 def has_lora(model: nn.Module) -> bool:
     return next(lora_layers(model), None) is not None
+
+
+# The name of a q/k/v block of an nn.MultiheadAttention, as lora_layers reports it.
+_BLOCK = re.compile(r"(?P<module>.+)\.(?:in_proj_weight\[(?P<fused>[qkv])\]|(?P<separate>[qkv])_proj_weight)")
+
+
+def owner_of(name: str) -> tuple[str, str | None]:
+    """The module an adapted weight's name (as :func:`lora_layers` gives it) belongs to, and its
+    q/k/v label when it is a block of an ``nn.MultiheadAttention``: ``"a.attn.in_proj_weight[q]"``
+    → ``("a.attn", "q")``, ``"a.query"`` → ``("a.query", None)``."""
+    m = _BLOCK.fullmatch(name)
+    return (m["module"], m["fused"] or m["separate"]) if m else (name, None)
+
+
+def _prefix_hint(missing: str, module_names: Iterable[str]) -> str:
+    """Names that differ only by a leading prefix are the usual reason for a missing module:
+    an adapter saved from a wrapper (``encoder.layer.0...``) loaded into the bare model."""
+    names = set(module_names)
+    parts = missing.split(".")
+    for k in range(1, len(parts)):
+        if ".".join(parts[k:]) in names:
+            return f" The names differ by a prefix: this model has {'.'.join(parts[k:])!r}, without {'.'.join(parts[:k]) + '.'!r}."
+    longer = sorted(n for n in names if n.endswith("." + missing))
+    if longer:
+        return f" The names differ by a prefix: this model has {longer[0]!r}."
+    return ""
+
+
+def target_fields(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """The ``target_modules``, ``exclude_modules`` and ``mha_projections`` with which
+    :func:`inject_lora` adapts exactly the weights ``names`` (named as :func:`lora_layers` names
+    them) of ``model``: how an adapter file or a combination of adapters becomes a config.
+
+    A q/k/v block selects its ``nn.MultiheadAttention``; that module's ``out_proj`` is excluded
+    unless ``names`` has it. Raises :class:`LoRATargetError` naming a module ``model`` lacks.
+    """
+    names = list(names)
+    modules = [n for n, _, _ in _walk(model)]
+    known = set(modules)
+    targets: list[str] = []
+    labels: set[str] = set()
+    owners = {owner for owner, label in map(owner_of, names) if label}
+    for name in names:
+        owner, label = owner_of(name)
+        if owner not in known:
+            raise LoRATargetError(
+                f"no module named {owner!r} in this {type(model).__name__}.{_prefix_hint(owner, modules)}"
+            )
+        if label:
+            labels.add(label)
+        elif name.endswith(".out_proj") and name.rsplit(".", 1)[0] in owners:
+            continue  # adapted together with its nn.MultiheadAttention
+        if owner not in targets:
+            targets.append(owner)
+    return {
+        "target_modules": targets,
+        "exclude_modules": sorted(f"{o}.out_proj" for o in owners if f"{o}.out_proj" not in names),
+        "mha_projections": [p for p in "qkv" if p in labels] or ["q", "k", "v"],
+    }
 
 
 def _require_layers(model: nn.Module, action: str) -> list[LoRATarget]:
@@ -491,8 +563,24 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     elif any(t.layer.merged_adapters for t in targets):
         unmerge_lora(model)
     state = lora_state(model) or LoRAState()
+    _remove_layers(model, state, empty_only=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
+    model.__dict__.pop(_STATE_ATTR, None)
+    return model
+
+
+def remove_empty_layers(model: nn.Module) -> None:
+    """Give back the original module (or plain weight) wherever no adapter is left, e.g. after
+    deleting the only adapter of some modules while others keep theirs."""
+    _remove_layers(model, lora_state(model) or LoRAState(), empty_only=True)
+
+
+def _remove_layers(model: nn.Module, state: LoRAState, empty_only: bool) -> None:
+    """Swap every LoRALinear back for its base layer and remove LoRA's parametrizations (with
+    ``empty_only``: only those that hold no adapter), restoring the parameters' order."""
     for path, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALinear) and not (empty_only and module.adapter_names):
             parent_name, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.base_layer)
     for path, module in list(model.named_modules()):
@@ -500,21 +588,18 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             continue
         for tensor_name in list(module.parametrizations):
             chain = getattr(module.parametrizations, tensor_name)
-            if not all(isinstance(p, LoRAParametrization) for p in chain):
+            only_lora = all(isinstance(p, LoRAParametrization) for p in chain)
+            if empty_only and (not only_lora or any(p.adapter_names for p in chain)):
+                continue
+            if not only_lora:
                 raise LoRAStateError(
                     f"{path}.{tensor_name} carries parametrizations besides LoRA's; "
                     f"lightning-lora cannot remove its own without removing those."
                 )
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-        order = state.param_order.get(path)
-        if order:
-            for key in order:
-                if key in module._parameters:
-                    module._parameters[key] = module._parameters.pop(key)
-    for name, p in model.named_parameters():
-        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
-    model.__dict__.pop(_STATE_ATTR, None)
-    return model
+        for key in state.param_order.get(path, []):
+            if key in module._parameters:
+                module._parameters[key] = module._parameters.pop(key)
 
 
 # ----------------------------------------------------------------------------------- stats

@@ -1,11 +1,19 @@
 """Adapters as files, in Hugging Face PEFT's layout, written atomically, read without pickle.
 
 A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and
-``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` /
+``adapter_model.safetensors`` with keys ``base_model.model.<weight>.lora_A.weight`` /
 ``.lora_B.weight`` and, for ``trainable_modules``, ``base_model.model.<module>.<tensor>``.
-``peft.PeftModel.from_pretrained`` loads it; :func:`load_adapter` loads what PEFT's
-``save_pretrained`` writes. What PEFT has no field for (our ``init``, ``mha_projections``,
-``adapter_dtype``) rides in the safetensors metadata, which PEFT ignores.
+``<weight>`` is the adapted weight's name as :func:`~lightning_lora.inject.lora_layers` gives it:
+the module name for an ``nn.Linear`` (exactly PEFT's key), ``attn.in_proj_weight[q]`` for a block
+of an ``nn.MultiheadAttention`` (a lightning-lora extension PEFT does not read).
+``peft.PeftModel.from_pretrained`` loads our files, and
+:func:`~lightning_lora.adapters.load_adapter` loads what PEFT's ``save_pretrained`` writes. What
+PEFT has no field for (our ``init``, ``mha_projections``, ``adapter_dtype``) rides in the
+safetensors metadata, which PEFT ignores, together with a copy of the fields that set the math,
+so a pair of files from two different saves is detected.
+
+Reading never trusts a file: tensors come from safetensors only (no pickle), and
+:func:`read_adapter` checks the two files against each other before any model is touched.
 """
 
 from __future__ import annotations
@@ -15,28 +23,22 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import LoRAConfig
-from .errors import AdapterFileError, LoRAConfigError, LoRATargetError
-from .inject import (
-    inject_lora,
-    lora_config,
-    lora_layers,
-    lora_state_dict,
-    trainable_module_names,
-)
+from .errors import AdapterFileError
+from .inject import lora_config, lora_layers, target_fields, trainable_module_names
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
 METADATA_KEY = "lightning_lora"
+_MATH_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
 # PEFT LoraConfig fields that do not change what a trained adapter computes.
 _HARMLESS_FIELDS = {
@@ -72,7 +74,8 @@ def _is_default(value: Any) -> bool:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then ``os.replace`` it into
-    place: a crash mid-write leaves the previous file whole, never a truncated one."""
+    place: a crash mid-write leaves the previous file whole, never a truncated one, and no
+    temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -80,28 +83,53 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # Writers differ (safetensors creates 0600 files): give the file the mode a plain
+        # open() would, or keep the mode of the file it replaces.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def peft_config_dict(
     model: nn.Module, adapter_name: str = "default", base_model_name_or_path: str | None = None
 ) -> dict[str, Any]:
     """The PEFT ``LoraConfig`` describing adapter ``adapter_name`` of ``model``: exact module
-    names as targets (so any PEFT version matches the same modules) and per-module rank or
+    names as targets (so any PEFT version matches the same modules) and per-weight rank or
     alpha only where they differ from the config's."""
     config = lora_config(model, adapter_name)
     targets = [t for t in lora_layers(model) if adapter_name in t.layer.lora_A]
+    fields = target_fields(model, [t.name for t in targets])
     rank_pattern, alpha_pattern = {}, {}
     for t in targets:
         r = t.layer.r[adapter_name]
         if r != config.r:
-            rank_pattern[t.path] = r
+            rank_pattern[t.name] = r
         alpha = t.layer.scaling[adapter_name] * (r**0.5 if config.use_rslora else r)
         if abs(alpha - config.alpha) > 1e-9 * max(1.0, config.alpha):
-            alpha_pattern[t.path] = alpha
+            alpha_pattern[t.name] = alpha
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -109,8 +137,8 @@ def peft_config_dict(
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": sorted({t.path for t in targets}),
-        "exclude_modules": None,
+        "target_modules": sorted(fields["target_modules"]),
+        "exclude_modules": fields["exclude_modules"] or None,
         "modules_to_save": trainable_module_names(model, adapter_name) or None,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -124,11 +152,17 @@ def peft_config_dict(
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's file keys (``base_model.model.<module>.lora_A.weight``)."""
-    suffix = re.compile(rf"\.(lora_[AB])\.{re.escape(adapter_name)}$")
+    """The adapter's tensors under the file's keys: ``base_model.model.<weight>.lora_A.weight``
+    (``(r, d_in)``) and ``.lora_B.weight`` (``(d_out, r)``) per adapted weight, and the
+    ``trainable_modules``' state under ``base_model.model.<module>.<tensor>``."""
     out = {}
-    for key, tensor in lora_state_dict(model, adapter_name).items():
-        out[PREFIX + suffix.sub(r".\1.weight", key)] = tensor
+    for t in lora_layers(model):
+        if adapter_name in t.layer.lora_A:
+            out[f"{PREFIX}{t.name}.lora_A.weight"] = t.layer.lora_A[adapter_name].detach()
+            out[f"{PREFIX}{t.name}.lora_B.weight"] = t.layer.lora_B[adapter_name].detach()
+    for module_name in trainable_module_names(model, adapter_name):
+        for key, tensor in model.get_submodule(module_name).state_dict(prefix=f"{module_name}.").items():
+            out[PREFIX + key] = tensor.detach()
     return out
 
 
@@ -140,12 +174,15 @@ def save_adapter(
 ) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's layout.
 
-    Each file is written atomically. Tensors are copied to CPU (shared storage, e.g. tied
+    Each file is written atomically, the weights first: a save interrupted between the two
+    files leaves a pair that :func:`load_adapter` recognises as mismatched instead of loading
+    new weights with an old config. Tensors are copied to CPU (shared storage, e.g. tied
     weights in a trainable module, is copied apart, as safetensors requires).
     """
     path = Path(path)
     config = lora_config(model, adapter_name)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model, adapter_name).items()}
+    peft = peft_config_dict(model, adapter_name, base_model_name_or_path)
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model, adapter_name).items()}
     extras = {
         "version": _version(),
         "adapter_name": adapter_name,
@@ -154,10 +191,11 @@ def save_adapter(
         "adapter_dtype": config.adapter_dtype,
         "target_patterns": config.target_modules,
         "trainable_patterns": config.trainable_modules,
+        "config": {k: peft[k] for k in _MATH_KEYS},
     }
     metadata = {"format": "pt", METADATA_KEY: json.dumps(extras)}
     atomic_write(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    text = json.dumps(peft_config_dict(model, adapter_name, base_model_name_or_path), indent=2, sort_keys=True)
+    text = json.dumps(peft, indent=2, sort_keys=True)
     atomic_write(path / ADAPTER_CONFIG, lambda tmp: tmp.write_text(text + "\n"))
     return path
 
@@ -173,7 +211,8 @@ def _version() -> str:
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """``adapter_config.json`` of directory ``path``, checked to be a LoRA adapter whose math we
-    implement. Unknown fields with default values are ignored with a warning."""
+    implement. Unknown fields with default values are ignored with a warning; unknown fields
+    with other values, and known ones that change the math (DoRA, ...), are refused."""
     file = Path(path) / ADAPTER_CONFIG
     if not file.is_file():
         what = "does not exist" if not Path(path).exists() else f"has no {ADAPTER_CONFIG}"
@@ -189,7 +228,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{file} must hold a JSON object, found {type(config).__name__}.")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(
-            f"{file} describes a {config['peft_type']} adapter; lightning-lora loads LORA adapters only."
+            f"{file} describes a peft_type={config['peft_type']!r} adapter; lightning-lora loads LORA adapters only."
         )
     for key in ("r", "lora_alpha"):
         if key not in config:
@@ -231,158 +270,107 @@ def read_adapter_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{file} is not a readable safetensors file ({err}); it may be truncated.") from None
-    extras = json.loads(metadata.get(METADATA_KEY, "{}"))
+    try:
+        extras = json.loads(metadata.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{file}: its {METADATA_KEY!r} metadata is not valid JSON ({err}).") from None
     return tensors, extras
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    """``base_model.model.x.y.lora_A.weight`` → (``x.y``, ``lora_A``); other keys → (key, "")."""
-    key = key.removeprefix(PREFIX)
-    m = re.fullmatch(r"(.+)\.(lora_[AB])(?:\.weight)?", key)
-    return (m.group(1), m.group(2)) if m else (key, "")
-
-
-def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank/alpha_pattern lookup: a key matches a module name or a dotted suffix."""
+def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    """Per-weight rank/alpha: an exact name (our files), else PEFT's rule (the key is a regex
+    matching the name or a dotted suffix of it)."""
+    if name in pattern:
+        return pattern[name]
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            continue
     return default
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> list[str]:
-    """Inject adapter ``adapter_name`` into ``model`` and fill it from directory ``path``.
+@dataclass
+class AdapterFile:
+    """An adapter directory, read and checked on its own, before any model is touched.
 
-    The adapted modules are the ones the file has tensors for, so PEFT's and our pattern
-    dialects need not agree. Every tensor must fit: a shape mismatch names the module and both
-    shapes; a module the model lacks is named. The loaded adapter becomes the active one.
-    Returns the adapted weights' names.
+    ``pairs`` maps each adapted weight's name to ``(A (r, d_in), B (d_out, r))``; ``trainable``
+    holds the trainable modules' tensors under the model's state-dict keys.
     """
-    peft = read_adapter_config(path)
+
+    path: Path
+    config: dict[str, Any]
+    pairs: dict[str, tuple[Tensor, Tensor]]
+    trainable: dict[str, Tensor]
+    extras: dict[str, Any]
+
+    def rank(self, name: str) -> int:
+        return int(self.pairs[name][0].shape[0])
+
+    def scaling(self, name: str) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) of weight ``name``."""
+        alpha = float(_pattern_value(self.config.get("alpha_pattern") or {}, name, self.config["lora_alpha"]))
+        r = self.rank(name)
+        return alpha / (r**0.5 if self.config.get("use_rslora") else r)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """``ΔW = scaling · B A`` of shape ``(d_out, d_in)``, in float32."""
+        A, B = self.pairs[name]
+        return (B.float() @ A.float()) * self.scaling(name)
+
+    def delta_norm(self, name: str) -> float:
+        """``‖ΔW‖_F`` without forming ΔW: ``‖s·BA‖²_F = s² · Σ (BᵀB) ⊙ (AAᵀ)``, two ``r × r``
+        products in float64."""
+        A, B = (t.double() for t in self.pairs[name])
+        return abs(self.scaling(name)) * float(((B.T @ B) * (A @ A.T)).sum().clamp(min=0).sqrt())
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read directory ``path`` and check that its two files agree with each other: every weight
+    has an ``A`` and a ``B`` whose ranks match each other and the config."""
+    config = read_adapter_config(path)
     tensors, extras = read_adapter_tensors(path)
-    lora_keys: dict[str, dict[str, Tensor]] = {}
-    other: dict[str, Tensor] = {}
+    file = Path(path) / ADAPTER_WEIGHTS
+    saved = extras.get("config")
+    if saved is not None:
+        differ = [k for k in _MATH_KEYS if saved.get(k) != config.get(k, saved.get(k))]
+        if differ:
+            k = differ[0]
+            raise AdapterFileError(
+                f"{Path(path) / ADAPTER_CONFIG} says {k}={config.get(k)!r} but {file} was saved "
+                f"with {k}={saved.get(k)!r}: the two files come from different saves (an interrupted "
+                f"save, or files copied from two adapters). Save the adapter again."
+            )
+    halves: dict[str, dict[str, Tensor]] = {}
+    trainable: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
-        module, kind = _split_key(key)
-        if kind:
-            lora_keys.setdefault(module, {})[kind] = tensor
+        m = re.fullmatch(r"(.+)\.(lora_[AB])(?:\.weight)?", key.removeprefix(PREFIX))
+        if m:
+            halves.setdefault(m.group(1), {})[m.group(2)] = tensor
+        elif re.search(r"\.lora_\w+", key):
+            raise AdapterFileError(
+                f"{file} holds {key!r}, a LoRA tensor of a kind lightning-lora does not implement "
+                f"(it loads lora_A/lora_B pairs for nn.Linear and nn.MultiheadAttention)."
+            )
         else:
-            other[module] = tensor
-    incomplete = [m for m, ab in lora_keys.items() if set(ab) != {"lora_A", "lora_B"}]
-    if incomplete or not lora_keys:
-        raise AdapterFileError(
-            f"{Path(path) / ADAPTER_WEIGHTS} lacks lora_A/lora_B pairs for {incomplete or 'any module'}."
-        )
-    targets, excludes = _target_modules(model, sorted(lora_keys), path)
-    try:
-        config = LoRAConfig(
-            r=int(peft["r"]),
-            alpha=float(peft["lora_alpha"]),
-            dropout=float(peft.get("lora_dropout") or 0.0),
-            target_modules=targets,
-            exclude_modules=excludes,
-            trainable_modules=list(peft.get("modules_to_save") or []),
-            init=extras.get("init", "zeros_b"),
-            mha_projections=list(extras.get("mha_projections", ["q", "k", "v"])),
-            use_rslora=bool(peft.get("use_rslora", False)),
-            adapter_dtype=extras.get("adapter_dtype"),
-        )
-    except (LoRAConfigError, TypeError, ValueError) as err:
-        raise AdapterFileError(f"{Path(path) / ADAPTER_CONFIG}: {err}") from None
-    try:
-        names = inject_lora(model, config, adapter_name=adapter_name)
-    except LoRATargetError as err:
-        raise AdapterFileError(f"adapter {str(path)!r} does not fit this model: {err}") from None
-    _fill(model, adapter_name, config, peft, lora_keys, other, path)
-    return names
-
-
-def _target_modules(model: nn.Module, layer_paths: list[str], path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Module names to inject (and to exclude), from the LoRA layer paths in a file: a
-    parametrized tensor's layer ``m.parametrizations.w.0`` maps back to module ``m``; q/k/v
-    blocks map to their nn.MultiheadAttention, whose out_proj is excluded if the file has none."""
-    modules = dict(model.named_modules())
-    targets: list[str] = []
-    excludes: list[str] = []
-    for layer_path in layer_paths:
-        module = layer_path.split(".parametrizations.")[0]
-        if module not in modules:
+            trainable[key.removeprefix(PREFIX)] = tensor
+    if not halves:
+        raise AdapterFileError(f"{file} holds no lora_A/lora_B tensors; it is not a LoRA adapter.")
+    pairs = {}
+    for name, ab in halves.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            lacking = ({"lora_A", "lora_B"} - set(ab)).pop()
             raise AdapterFileError(
-                f"adapter {str(path)!r} has weights for module {module!r}, which this "
-                f"{type(model).__name__} does not have; it was trained on another architecture "
-                f"(or saved from a wrapper: compare the module names)."
+                f"{file} has {name}'s {set(ab).pop()} but not its {lacking}; the file is incomplete."
             )
-        owner = module.rsplit(".", 1)[0] if module.endswith(".out_proj") else module
-        if isinstance(modules.get(owner), nn.MultiheadAttention) and any(
-            p.startswith(owner + ".parametrizations.") for p in layer_paths
-        ):
-            module = owner
-            if not any(p.startswith(owner + ".out_proj.") for p in layer_paths):
-                excludes.append(owner + ".out_proj")
-        if module not in targets:
-            targets.append(module)
-    return targets, sorted(set(excludes))
-
-
-def _fill(
-    model: nn.Module,
-    adapter_name: str,
-    config: LoRAConfig,
-    peft: Mapping[str, Any],
-    lora_keys: Mapping[str, Mapping[str, Tensor]],
-    other: Mapping[str, Tensor],
-    path: str | os.PathLike,
-) -> None:
-    layers = {t.path: t for t in lora_layers(model) if adapter_name in t.layer.lora_A}
-    missing = sorted(set(layers) - set(lora_keys))
-    if missing:
-        raise AdapterFileError(f"adapter {str(path)!r} lacks weights for adapted module(s) {missing[:3]}.")
-    for layer_path, ab in lora_keys.items():
-        target = layers.get(layer_path)
-        if target is None:
+        A, B = ab["lora_A"], ab["lora_B"]
+        expected = int(_pattern_value(config.get("rank_pattern") or {}, name, config["r"]))
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != expected or B.shape[1] != expected:
             raise AdapterFileError(
-                f"adapter {str(path)!r} has weights for {layer_path!r}, which is not a LoRA layer here."
+                f"{Path(path) / ADAPTER_CONFIG} says r={expected} for {name!r}, but {file} has "
+                f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} (expected ({expected}, d_in) and "
+                f"(d_out, {expected})); the files do not belong together."
             )
-        layer = target.layer
-        r = ab["lora_A"].shape[0]
-        want_a, want_b = (r, layer.d_in), (layer.d_out, r)
-        if tuple(ab["lora_A"].shape) != want_a or tuple(ab["lora_B"].shape) != want_b:
-            raise AdapterFileError(
-                f"adapter {str(path)!r} does not fit module {target.name!r}: the file has "
-                f"lora_A {tuple(ab['lora_A'].shape)} and lora_B {tuple(ab['lora_B'].shape)}, the "
-                f"model's weight needs A {want_a} and B {want_b} (a weight of {layer.d_out}×{layer.d_in}); "
-                f"was it trained on another base model?"
-            )
-        expected_r = int(_pattern_value(peft.get("rank_pattern") or {}, layer_path, config.r))
-        if r != expected_r:
-            raise AdapterFileError(
-                f"adapter {str(path)!r}: {ADAPTER_CONFIG} says r={expected_r} for {target.name!r} "
-                f"but its tensors have rank {r}; the files do not belong together."
-            )
-        alpha = float(_pattern_value(peft.get("alpha_pattern") or {}, layer_path, config.alpha))
-        scaling = alpha / (r**0.5 if config.use_rslora else r)
-        if r != layer.r[adapter_name] or scaling != layer.scaling[adapter_name]:
-            dtype, device = layer.lora_A[adapter_name].dtype, layer.lora_A[adapter_name].device
-            active = layer.active_adapters
-            layer.delete_adapter(adapter_name)
-            layer.add_adapter(adapter_name, r, scaling, config.dropout, config.init, dtype, device)
-            layer.set_active(active)
-            layer.lora_A[adapter_name].requires_grad_(True)
-            layer.lora_B[adapter_name].requires_grad_(True)
-        with torch.no_grad():
-            layer.lora_A[adapter_name].copy_(ab["lora_A"])
-            layer.lora_B[adapter_name].copy_(ab["lora_B"])
-    if other:
-        own = model.state_dict()
-        unknown = sorted(k for k in other if k not in own)
-        if unknown:
-            raise AdapterFileError(
-                f"adapter {str(path)!r} has trainable-module tensors {unknown[:3]} this model lacks."
-            )
-        for key, tensor in other.items():
-            if own[key].shape != tensor.shape:
-                raise AdapterFileError(
-                    f"adapter {str(path)!r}: {key!r} has shape {tuple(tensor.shape)} in the file "
-                    f"and {tuple(own[key].shape)} in the model."
-                )
-        model.load_state_dict(dict(other), strict=False)
+        pairs[name] = (A, B)
+    return AdapterFile(Path(path), config, pairs, trainable, extras)
