@@ -12,6 +12,11 @@ restore → strategy setup (DDP/FSDP wrapping, ``configure_optimizers``) → ``o
 * ``on_fit_end``: save the adapter (rank 0), then merge ``ΔW`` into ``W`` and unload, so what
   follows (test, predict, export) runs a plain model.
 * ``on_exception``: save the adapter to ``<adapter_dir>/last`` before the error propagates.
+* ``on_save_checkpoint``: a checkpoint keeps only the LoRA weights and trainable modules of the
+  model (plus, as always, optimizer, scheduler, loop and callback state), not the frozen base;
+  ``full_checkpoints=True`` keeps everything. Restoring one (``trainer.fit(model,
+  ckpt_path=...)`` on a freshly built model) injects LoRA first and checks that every LoRA and
+  trainable tensor was in the file; the base comes from the model as built.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import LoRAConfig
 from .errors import LoRAStateError
@@ -36,11 +42,14 @@ from .inject import (
     has_lora,
     inject_lora,
     lora_config,
+    lora_state_dict,
     mark_only_lora_as_trainable,
     parameter_stats,
     unload_lora,
 )
 from .io import save_adapter
+
+CHECKPOINT_KEY = "lightning_lora"  # marks a checkpoint written with this callback; what it holds
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -61,6 +70,10 @@ class LoRACallback(Callback):
         lr_scheduler: with ``optimizer``, a factory ``optimizer -> LRScheduler`` stepped every
             ``scheduler_interval`` ("step" or "epoch").
         adapter_name: name of the adapter in the model and its files.
+        full_checkpoints: keep the frozen base weights in Lightning checkpoints too. Off by
+            default: a checkpoint then holds the LoRA weights and ``trainable_modules`` (and the
+            optimizer, scheduler and loop state), and resuming needs the base model built as
+            before.
     """
 
     def __init__(
@@ -73,6 +86,7 @@ class LoRACallback(Callback):
         lr_scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "step",
         adapter_name: str = "default",
+        full_checkpoints: bool = False,
         **config_fields: Any,
     ) -> None:
         self.config = LoRAConfig.build(config, **config_fields)
@@ -86,9 +100,13 @@ class LoRACallback(Callback):
         self.lr_scheduler = lr_scheduler
         self.scheduler_interval = scheduler_interval
         self.adapter_name = adapter_name
+        self.full_checkpoints = full_checkpoints
         self.adapted: list[str] = []
         self.stats: ParameterStats | None = None
         self._merged_modules: set[int] = set()
+        self._adapter_dir: Path | None = None  # resolved at fit start, on every rank
+        self._pending_restore: dict[int, dict[str, Any]] = {}  # module id -> checkpoint marker
+        self._load_hooks: dict[int, RemovableHandle] = {}
 
     # ------------------------------------------------------------------------- injection
 
@@ -149,12 +167,49 @@ class LoRACallback(Callback):
                     )
                 self.inject(pl_module)
             hook(checkpoint)
+            marker = checkpoint.get(CHECKPOINT_KEY) or {}
+            if marker.get("adapter_only"):
+                self._expect_adapter_only(pl_module, marker)
 
         pl_module.__dict__["on_load_checkpoint"] = check_then_load
+
+    def _expect_adapter_only(self, pl_module: nn.Module, marker: dict[str, Any]) -> None:
+        """Let the next ``load_state_dict`` of ``pl_module`` (Lightning's, right after
+        ``on_load_checkpoint``) accept an adapter-only state dict: a post-hook excuses the base
+        keys, which the model already holds, and raises if any LoRA or trainable tensor is
+        missing or left over. ``strict`` loading stays on for everything else, so nothing needs
+        restoring afterwards."""
+        self._pending_restore[id(pl_module)] = marker
+        if id(pl_module) not in self._load_hooks:
+            self._load_hooks[id(pl_module)] = pl_module.register_load_state_dict_post_hook(self._check_adapter_keys)
+
+    def _check_adapter_keys(self, module: nn.Module, incompatible: Any) -> None:
+        marker = self._pending_restore.pop(id(module), None)
+        if marker is None:
+            return  # a load_state_dict that is not restoring an adapter-only checkpoint
+        needed = set(lora_state_dict(module))
+        lacking = sorted(k for k in incompatible.missing_keys if k in needed)
+        surplus = sorted(k for k in incompatible.unexpected_keys if ".lora_" in k)
+        if lacking or surplus:
+            what = (
+                f"lacks {len(lacking)} of this model's LoRA/trainable tensors (e.g. {lacking[:2]})" if lacking else ""
+            )
+            more = f"holds LoRA tensors this model has no place for (e.g. {surplus[:2]})" if surplus else ""
+            raise LoRAStateError(
+                f"this adapter-only checkpoint {' and '.join(w for w in (what, more) if w)}: it was written "
+                f"with another LoRA config, {marker.get('config')} (adapters {marker.get('adapter_names')}), "
+                f"this callback has {self.config.to_dict()}. Build LoRACallback with the checkpoint's config "
+                f"(checkpoint['{CHECKPOINT_KEY}']['config']) to restore it."
+            )
+        incompatible.missing_keys.clear()  # only base weights were missing: the model holds them
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for hook in ("configure_model", "on_load_checkpoint"):
             pl_module.__dict__.pop(hook, None)
+        self._pending_restore.pop(id(pl_module), None)
+        handle = self._load_hooks.pop(id(pl_module), None)
+        if handle is not None:
+            handle.remove()
 
     # ------------------------------------------------------------------------- optimizers
 
@@ -165,6 +220,7 @@ class LoRACallback(Callback):
             self._build_optimizer(trainer, pl_module)
         else:
             strip_frozen_parameters(trainer.optimizers, pl_module)
+        self._adapter_dir = self.resolve_adapter_dir(trainer)  # a collective: now, not in on_exception
         self._log(trainer)
 
     def _build_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -211,9 +267,10 @@ class LoRACallback(Callback):
         """Nothing trained is lost: the adapter as it is now goes to ``<adapter_dir>/last``."""
         if trainer.global_step == 0 or self.adapter_name not in adapter_names(pl_module):
             return  # nothing trained yet (e.g. a config error at fit start): nothing to keep
-        directory = (
-            Path(self.adapter_dir) if self.adapter_dir else Path(trainer.default_root_dir) / "lora_adapter"
-        ) / "last"
+        # The directory resolved at fit start: resolving it here could wait forever on ranks
+        # that did not fail (trainer.log_dir broadcasts).
+        fallback = Path(self.adapter_dir) if self.adapter_dir else Path(trainer.default_root_dir) / "lora_adapter"
+        directory = (self._adapter_dir or fallback) / "last"
         if trainer.is_global_zero:
             try:
                 save_adapter(pl_module, directory, self.adapter_name)
@@ -222,6 +279,29 @@ class LoRACallback(Callback):
                 rank_zero_warn(f"fit stopped and saving the LoRA adapter to {directory} failed too: {err}")
 
     # ------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Keep only the LoRA weights and trainable modules in ``checkpoint["state_dict"]``
+        (unless ``full_checkpoints``) and mark the checkpoint, so restoring knows what to expect.
+
+        Lightning calls callbacks' ``on_save_checkpoint`` for full checkpoints only: with
+        ``ModelCheckpoint(save_weights_only=True)`` the state dict stays whole.
+        """
+        if not has_lora(pl_module):
+            return  # merged and unloaded at fit end: a plain model, saved whole
+        adapter_keys = [k for k in lora_state_dict(pl_module) if k in checkpoint["state_dict"]]
+        if not self.full_checkpoints:
+            keep = set(adapter_keys)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[CHECKPOINT_KEY] = {
+            "adapter_only": not self.full_checkpoints,
+            "adapter_keys": adapter_keys,
+            "adapter_names": adapter_names(pl_module),
+            "adapter_name": self.adapter_name,
+            "config": self.config.to_dict(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "adapter_name": self.adapter_name}

@@ -3,12 +3,14 @@
 import copy
 import csv
 import functools
+import signal
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
 from torch import nn
@@ -32,10 +34,11 @@ class Classifier(L.LightningModule):
     """Shared training logic: cross-entropy on (x, y), AdamW over self.parameters()."""
 
     fail_at_step: int | None = None
+    failure: BaseException = RuntimeError("boom")
 
     def training_step(self, batch, batch_idx):
         if self.fail_at_step is not None and self.global_step == self.fail_at_step:
-            raise RuntimeError("boom")
+            raise self.failure
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss)
@@ -232,18 +235,63 @@ def test_optimizer_factory_builds_over_lora_parameters_with_its_scheduler(tmp_pa
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * 0.5**3)
 
 
+def assert_saved_equals_in_memory(directory: Path, module: nn.Module) -> None:
+    saved = load_file(directory / "adapter_model.safetensors")
+    in_memory = adapter_tensors(module)
+    assert saved.keys() == in_memory.keys()
+    for key, tensor in in_memory.items():
+        assert torch.equal(saved[key], tensor), key
+
+
 def test_a_crash_leaves_the_adapter_of_that_moment_on_disk(tmp_path):
     module = MLP()
     module.fail_at_step = 3
     adapter_dir = tmp_path / "adapter"
+    callback = LoRACallback(target_modules=["net.0"], trainable_modules=["head"], adapter_dir=str(adapter_dir))
     with pytest.raises(RuntimeError, match="boom"):
-        trainer(tmp_path, [LoRACallback(target_modules=["net.0"], adapter_dir=str(adapter_dir))]).fit(module, loader())
+        trainer(tmp_path, [callback]).fit(module, loader())
+    assert_saved_equals_in_memory(adapter_dir / "last", module)
+    assert isinstance(module.net[0], LoRALinear)  # not merged: fit did not end
     saved = load_file(adapter_dir / "last" / "adapter_model.safetensors")
-    in_memory = adapter_tensors(module)
-    assert saved.keys() == in_memory.keys()
-    for key, tensor in in_memory.items():
-        assert torch.equal(saved[key], tensor)
     assert saved["base_model.model.net.0.lora_B.weight"].abs().sum() > 0  # three steps were trained
+    assert "base_model.model.head.weight" in saved
+
+
+def test_ctrl_c_saves_the_adapter_to_the_log_dir_before_lightning_exits(tmp_path):
+    module = MLP()
+    module.fail_at_step, module.failure = 2, KeyboardInterrupt()
+    run = trainer(tmp_path, [LoRACallback(target_modules=["net.0"])])
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C, after on_exception
+            run.fit(module, loader())
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Lightning ignores further Ctrl-C from then on
+    assert_saved_equals_in_memory(Path(run.log_dir) / "lora_adapter" / "last", module)
+
+
+class Poison(Callback):
+    """The adapter diverged in the last step: one B entry is Inf when fit ends."""
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            pl_module.net[0].lora_B["default"][0, 0] = float("inf")
+
+
+def test_a_poisoned_adapter_is_saved_but_never_merged_at_fit_end(tmp_path):
+    module = MLP()
+    base = module.net[0].weight.detach().clone()
+    adapter_dir = tmp_path / "adapter"
+    callback = LoRACallback(target_modules=["net.0"], adapter_dir=str(adapter_dir))
+    with pytest.raises(
+        LoRAStateError, match=r"into 'net\.0' gives NaN or Inf in torch\.float32; no weight was changed"
+    ):
+        trainer(tmp_path, [callback, Poison()]).fit(module, loader())
+    assert isinstance(module.net[0], LoRALinear) and torch.equal(module.net[0].weight, base)
+    assert_saved_equals_in_memory(adapter_dir, module)  # saved before the merge was tried: nothing lost
+    assert torch.isinf(
+        load_file(adapter_dir / "adapter_model.safetensors")["base_model.model.net.0.lora_B.weight"]
+    ).any()
 
 
 def test_stats_and_config_reach_every_logger(tmp_path):
