@@ -50,10 +50,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.label_names)
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    # A node set to null on the command line (callbacks.model_checkpoint=null) is switched off.
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
     if cfg.get("lora"):
+        if "_target_" not in cfg.lora:
+            raise ValueError(
+                f"cfg.lora has no _target_ (it holds only {sorted(cfg.lora)}): a config set fields of a "
+                f"`lora` node that method/experiment removed. Drop those fields, or pick a LoRA method."
+            )
         callbacks.append(instantiate(cfg.lora))
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     for logger in trainer.loggers:  # not `loggers`: fast_dev_run swaps them for a dummy
