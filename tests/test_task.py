@@ -23,7 +23,7 @@ from lightning_lora.task import (
     read_examples,
     tiny_bert,
 )
-from lightning_lora.task.data import DEFAULT_DATA, LengthGroupedBatches
+from lightning_lora.task.data import DEFAULT_DATA, EpochShuffle, LengthGroupedBatches
 from lightning_lora.task.model import warmup_linear_decay
 
 GENERATOR = Path(__file__).parents[1] / "experiments" / "dataset" / "make_stdlib_docstrings.py"
@@ -132,23 +132,36 @@ def test_shuffled_batches_repeat_under_seed_everything(small_data: DocstringData
 
 def test_length_grouped_batches_cover_every_example_once_with_similar_lengths() -> None:
     lengths = [int(x) for x in torch.randint(5, 128, (1000,), generator=torch.Generator().manual_seed(0))]
-    sampler = LengthGroupedBatches(lengths, batch_size=16, chunk_batches=10)
-    L.seed_everything(0)
+    order = EpochShuffle(1000, seed=7)
+    sampler = LengthGroupedBatches(order, lengths, batch_size=16, chunk_batches=10)
     batches = list(sampler)
     assert len(batches) == len(sampler)
     assert sorted(i for b in batches for i in b) == list(range(1000))
     assert all(1 <= len(b) <= 16 for b in batches)
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 20  # random batches of 16 from 5..127 spread ~100
-    L.seed_everything(0)
-    assert list(sampler) == batches  # reproducible under seed_everything
-    assert list(sampler) != batches  # a new order each epoch
+    assert list(sampler) == batches  # the same epoch gives the same batches
+    order.set_epoch(1)
+    assert list(sampler) != batches  # a new epoch, a new order
+    order.set_epoch(0)
+    assert list(sampler) == batches  # ... that depends on the epoch alone (exact resume)
 
 
 def test_evaluation_batches_are_sorted_by_length() -> None:
     lengths = [3, 9, 1, 7, 5]
-    batches = list(LengthGroupedBatches(lengths, batch_size=2, shuffle=False))
-    assert batches == [[1, 3], [4, 0], [2]] and len(LengthGroupedBatches(lengths, 2, shuffle=False)) == 3
+    batches = LengthGroupedBatches(range(5), lengths, batch_size=2, chunk_batches=None)
+    assert list(batches) == [[1, 3], [4, 0], [2]] and len(batches) == 3
+
+
+def test_training_order_follows_seed_everything_and_lightning_sets_the_epoch(small_data: DocstringDataModule) -> None:
+    L.seed_everything(3)
+    loader = small_data.train_dataloader()
+    L.seed_everything(3)
+    assert list(small_data.train_dataloader().batch_sampler) == list(loader.batch_sampler)
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    _set_sampler_epoch(loader, 5)
+    assert loader.batch_sampler.sampler.epoch == 5
 
 
 def test_encoder_trains_with_dropout_unless_frozen(small_data: DocstringDataModule) -> None:
