@@ -11,7 +11,6 @@ from .adapters import active_adapters, combine_adapters, delete_adapter, disable
 from .config import LoRAConfig
 from .errors import AdapterFileError, LoRAConfigError, LoRAError, LoRAStateError, LoRATargetError
 from .inject import (
-    ParameterStats,
     adapter_names,
     inject_lora,
     lora_config,
@@ -20,13 +19,13 @@ from .inject import (
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
-    parameter_stats,
     set_adapter,
     unload_lora,
     unmerge_lora,
 )
 from .io import read_adapter, save_adapter
 from .layers import LoRALayer, LoRALinear, LoRAParametrization
+from .stats import ParameterStats, parameter_stats
 
 
 def __getattr__(name: str) -> object:

@@ -39,10 +39,10 @@ from .inject import (
     mark_only_lora_as_trainable,
     remove_empty_layers,
     set_adapter,
-    target_fields,
     unload_lora,
 )
 from .io import ADAPTER_CONFIG, AdapterFile, read_adapter
+from .targets import target_fields
 
 # ------------------------------------------------------------------------------------- load
 

@@ -37,17 +37,16 @@ from torch.utils.hooks import RemovableHandle
 from .config import LoRAConfig
 from .errors import LoRAStateError
 from .inject import (
-    ParameterStats,
     adapter_names,
     has_lora,
     inject_lora,
     lora_config,
     lora_state_dict,
     mark_only_lora_as_trainable,
-    parameter_stats,
     unload_lora,
 )
 from .io import save_adapter
+from .stats import ParameterStats, parameter_stats
 
 CHECKPOINT_KEY = "lightning_lora"  # marks a checkpoint written with this callback; what it holds
 

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import AdapterFileError, LoRAError
-from .inject import owner_of
 from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFile, atomic_write, read_adapter
+from .targets import owner_of
 
 PROG = "lightning-lora"
 _LIGHTNING_DROPPED = ("optimizer_states", "lr_schedulers", "lightning_lora")

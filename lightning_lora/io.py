@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import AdapterFileError
-from .inject import lora_config, lora_layers, target_fields, trainable_module_names
+from .inject import lora_config, lora_layers, trainable_module_names
+from .targets import target_fields
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callback import LoRACallback
-from .inject import parameter_stats
 from .io import atomic_write
+from .stats import parameter_stats
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

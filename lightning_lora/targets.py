@@ -1,0 +1,215 @@
+"""Which modules a config names: matching ``target_modules`` / ``exclude_modules`` /
+``trainable_modules`` against a model, with errors that list what the model does have.
+
+Patterns follow PEFT: a list entry matches a module whose name equals it or ends with ``"." +
+entry``; one string is a regular expression over the full name; ``"all-linear"`` takes every
+supported layer. Unlike PEFT, every list entry must match something, so a typo fails loudly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .config import ALL_LINEAR, LoRAConfig
+from .errors import LoRATargetError
+from .layers import LoRALinear
+
+SUPPORTED = "nn.Linear (and its subclasses), nn.MultiheadAttention"
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A module ``inject_lora`` will adapt, with its parent (to swap it there)."""
+
+    name: str
+    module: nn.Module
+    parent: nn.Module | None
+    with_out_proj: bool = True  # for an nn.MultiheadAttention: adapt its out_proj as well
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+    """(name, module, parent) for every module a pattern may name: a LoRALinear stands for the
+    Linear it wraps, and LoRA's own internals (banks, parametrizations) are never candidates."""
+    seen: set[int] = set()
+
+    def visit(prefix: str, module: nn.Module, parent: nn.Module | None) -> Iterator[Any]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if prefix:
+            yield prefix, module, parent
+        if isinstance(module, LoRALinear):
+            return
+        for child_name, child in module.named_children():
+            if child_name == "parametrizations" and parametrize.is_parametrized(module):
+                continue
+            yield from visit(f"{prefix}.{child_name}" if prefix else child_name, child, module)
+
+    yield from visit("", model, None)
+
+
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, LoRALinear, nn.MultiheadAttention))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """PEFT's rule for a list entry: the full name, or a dotted suffix of it."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _short_names(names: Iterable[str]) -> str:
+    counts = Counter(n.rsplit(".", 1)[-1] for n in names)
+    shown = [f"{k} ({v})" if v > 1 else k for k, v in counts.most_common(8)]
+    more = f", ... ({len(counts) - 8} more)" if len(counts) > 8 else ""
+    return ", ".join(shown) + more
+
+
+def _no_match_message(field_name: str, pattern: str, candidates: list[str], adaptable: list[str]) -> str:
+    short = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    close = difflib.get_close_matches(pattern.rsplit(".", 1)[-1], short, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    listing = _short_names(adaptable) if adaptable else "none"
+    return f"{field_name} entry {pattern!r} matched no module.{hint} Adaptable modules here ({SUPPORTED}): {listing}."
+
+
+def resolve_modules(model: nn.Module, patterns: list[str], field_name: str) -> list[str]:
+    """Names of the modules that the name/suffix list ``patterns`` selects; every entry must
+    select at least one module, so a typo fails instead of silently selecting nothing."""
+    walked = [(n, m) for n, m, _ in _walk(model)]
+    names = [n for n, _ in walked]
+    selected: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if _matches(n, pattern)]
+        if not hits:
+            adaptable = [n for n, m in walked if _supported(m)]
+            raise LoRATargetError(_no_match_message(field_name, pattern, names, adaptable))
+        selected.extend(h for h in hits if h not in selected)
+    return selected
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
+    """The modules ``config`` adapts, checked: each must be a supported type, none may be
+    excluded or inside a ``trainable_modules`` entry."""
+    walked = list(_walk(model))
+    adaptable = [n for n, m, _ in walked if _supported(m)]
+    spec = config.target_modules
+    if spec == ALL_LINEAR:
+        chosen = [(n, m, p) for n, m, p in walked if _supported(m)]
+        if not chosen:
+            raise LoRATargetError(
+                f"target_modules='{ALL_LINEAR}' found no {SUPPORTED} in {type(model).__name__}; "
+                f"LoRA needs at least one such layer (the root module itself is never replaced)."
+            )
+    elif isinstance(spec, str):
+        regex = re.compile(spec)
+        chosen = [(n, m, p) for n, m, p in walked if regex.fullmatch(n)]
+        if not chosen:
+            raise LoRATargetError(
+                f"target_modules regex {spec!r} matched no module name (it must match the whole "
+                f"name, e.g. r'.*\\.(query|value)'). Adaptable modules here: {_short_names(adaptable)}."
+            )
+    else:
+        chosen = []
+        for pattern in spec:
+            hits = [(n, m, p) for n, m, p in walked if _matches(n, pattern)]
+            if not hits:
+                raise LoRATargetError(
+                    _no_match_message("target_modules", pattern, [n for n, _, _ in walked], adaptable)
+                )
+            chosen.extend(h for h in hits if h not in chosen)
+    if spec != ALL_LINEAR:
+        unsupported = [(n, m) for n, m, _ in chosen if not _supported(m)]
+        if unsupported:
+            name, module = unsupported[0]
+            inner = [n for n in adaptable if n.startswith(name + ".")][:3]
+            fix = f" Target its layers instead, e.g. {inner}." if inner else ""
+            raise LoRATargetError(
+                f"target_modules={spec!r} selects {name!r} of type {type(module).__name__}, which "
+                f"LoRA cannot adapt (supported: {SUPPORTED}).{fix}"
+            )
+    excluded = set(resolve_modules(model, config.exclude_modules, "exclude_modules"))
+    trainable = resolve_modules(model, config.trainable_modules, "trainable_modules")
+
+    def kept(name: str) -> bool:
+        inside_trainable = any(name == t or name.startswith(t + ".") for t in trainable)
+        return name not in excluded and not inside_trainable
+
+    chosen = [(n, m, p) for n, m, p in chosen if kept(n)]
+    names = {n for n, _, _ in chosen}
+    # An out_proj inside a chosen MultiheadAttention is adapted with it, not on its own.
+    chosen = [
+        (n, m, p) for n, m, p in chosen if not (isinstance(p, nn.MultiheadAttention) and n.rsplit(".", 1)[0] in names)
+    ]
+    if not chosen:
+        raise LoRATargetError(
+            f"target_modules={spec!r} matched only modules that exclude_modules or "
+            f"trainable_modules remove; nothing is left to adapt."
+        )
+    return [Selected(n, m, p, with_out_proj=f"{n}.out_proj" not in excluded) for n, m, p in chosen]
+
+
+# The name of a q/k/v block of an nn.MultiheadAttention, as lora_layers reports it.
+_BLOCK = re.compile(r"(?P<module>.+)\.(?:in_proj_weight\[(?P<fused>[qkv])\]|(?P<separate>[qkv])_proj_weight)")
+
+
+def owner_of(name: str) -> tuple[str, str | None]:
+    """The module an adapted weight's name (as :func:`lora_layers` gives it) belongs to, and its
+    q/k/v label when it is a block of an ``nn.MultiheadAttention``: ``"a.attn.in_proj_weight[q]"``
+    → ``("a.attn", "q")``, ``"a.query"`` → ``("a.query", None)``."""
+    m = _BLOCK.fullmatch(name)
+    return (m["module"], m["fused"] or m["separate"]) if m else (name, None)
+
+
+def _prefix_hint(missing: str, module_names: Iterable[str]) -> str:
+    """Names that differ only by a leading prefix are the usual reason for a missing module:
+    an adapter saved from a wrapper (``encoder.layer.0...``) loaded into the bare model."""
+    names = set(module_names)
+    parts = missing.split(".")
+    for k in range(1, len(parts)):
+        if ".".join(parts[k:]) in names:
+            return f" The names differ by a prefix: this model has {'.'.join(parts[k:])!r}, without {'.'.join(parts[:k]) + '.'!r}."
+    longer = sorted(n for n in names if n.endswith("." + missing))
+    if longer:
+        return f" The names differ by a prefix: this model has {longer[0]!r}."
+    return ""
+
+
+def target_fields(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """The ``target_modules``, ``exclude_modules`` and ``mha_projections`` with which
+    :func:`inject_lora` adapts exactly the weights ``names`` (named as :func:`lora_layers` names
+    them) of ``model``: how an adapter file or a combination of adapters becomes a config.
+
+    A q/k/v block selects its ``nn.MultiheadAttention``; that module's ``out_proj`` is excluded
+    unless ``names`` has it. Raises :class:`LoRATargetError` naming a module ``model`` lacks.
+    """
+    names = list(names)
+    modules = [n for n, _, _ in _walk(model)]
+    known = set(modules)
+    targets: list[str] = []
+    labels: set[str] = set()
+    owners = {owner for owner, label in map(owner_of, names) if label}
+    for name in names:
+        owner, label = owner_of(name)
+        if owner not in known:
+            raise LoRATargetError(
+                f"no module named {owner!r} in this {type(model).__name__}.{_prefix_hint(owner, modules)}"
+            )
+        if label:
+            labels.add(label)
+        elif name.endswith(".out_proj") and name.rsplit(".", 1)[0] in owners:
+            continue  # adapted together with its nn.MultiheadAttention
+        if owner not in targets:
+            targets.append(owner)
+    return {
+        "target_modules": targets,
+        "exclude_modules": sorted(f"{o}.out_proj" for o in owners if f"{o}.out_proj" not in names),
+        "mha_projections": [p for p in "qkv" if p in labels] or ["q", "k", "v"],
+    }
