@@ -22,6 +22,9 @@ Two carriers share one parameter bank (:class:`LoRALayer`):
   ``forward`` would be skipped silently.
 
 A layer holds any number of named adapters; ``active_adapters`` says which ones its forward adds.
+``LoRALinear.forward`` runs one adapter over a plain frozen ``nn.Linear`` through the fast path
+in :mod:`lightning_lora.fused` (same math, fewer passes over the activations) and everything else
+through :meth:`LoRALinear.reference_forward`, the formula as written; tests compare the two.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .errors import LoRAStateError
 
 
@@ -144,9 +148,10 @@ class LoRALayer(nn.Module):
     def merged_region(self, weight: Tensor, names: Iterable[str], sign: float = 1.0) -> Tensor:
         """``region(W) ± Σ ΔW`` in float32, without writing: merge computes in fp32 and casts
         once, so a bf16 merge rounds once instead of once per adapter."""
-        out = self.region(weight).float()
-        for name in names:
-            out = out.add(self.delta_weight(name), alpha=sign)
+        region = self.region(weight)
+        out = region.float() if region.dtype != torch.float32 else region.clone()  # a copy, never W itself
+        for name in names:  # in place, one GEMM per adapter: out += sign · s · (B A), in fp32
+            out.addmm_(self.lora_B[name].float(), self.lora_A[name].float(), alpha=sign * self.scaling[name])
         return out
 
     @torch.no_grad()
@@ -209,11 +214,51 @@ class LoRALinear(LoRALayer):
         return F.linear(F.linear(x.to(A.dtype), A), B)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``y = x Wᵀ + b + Σ_active (alpha/r) · dropout(x) Aᵀ Bᵀ``; ``x: (..., d_in)`` →
+        ``y: (..., d_out)`` in ``x``'s dtype.
+
+        One active adapter over a plain frozen ``nn.Linear`` takes the fast path
+        (:mod:`lightning_lora.fused`: the same math in fewer passes over the activations);
+        everything else (several adapters, mixed dtypes, autocast, a trainable or hooked base
+        layer, a ``Linear`` subclass) takes :meth:`reference_forward`.
+        """
+        names = self.unmerged_active()
+        if not names:
+            return self.base_layer(x)
+        if len(names) == 1 and fused.fast_path_wanted():
+            name = names[0]
+            base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
+            if _fast_path_fits(base, x, A, B):
+                p = self.dropout[name]
+                x_adapter = F.dropout(x, p=p, training=True) if p > 0.0 and self.training else None
+                return fused.lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], x_adapter)
+        return self.reference_forward(x, names)
+
+    def reference_forward(self, x: Tensor, names: list[str] | None = None) -> Tensor:
+        """The formula as written, through autograd: the base layer's own forward, then each
+        adapter's update. The scale multiplies the ``(..., r)`` intermediate, not the output."""
         y = self.base_layer(x)
-        for name in self.unmerged_active():
-            # One fused kernel for "scale and add" instead of a multiply and an add.
-            y = torch.add(y, self.lora_output(x, name).to(y.dtype), alpha=self.scaling[name])
+        for name in self.unmerged_active() if names is None else names:
+            A, B = self.lora_A[name], self.lora_B[name]
+            p = self.dropout[name]
+            x_adapter = F.dropout(x, p=p, training=True) if p > 0.0 and self.training else x
+            update = F.linear(F.linear(x_adapter.to(A.dtype), A) * self.scaling[name], B)
+            y = y + update.to(y.dtype)
         return y
+
+
+def _fast_path_fits(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """The fast path computes ``x Wᵀ + b`` itself, so the base must be a plain, frozen,
+    hook-free ``nn.Linear`` (a subclass or a wrapper such as FSDP's keeps its own forward), and
+    every tensor must share one dtype outside autocast."""
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    W, b = base.weight, base.bias
+    if W.requires_grad or (b is not None and b.requires_grad):
+        return False
+    if not (x.dtype == W.dtype == A.dtype == B.dtype):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
 
 
 class LoRAParametrization(LoRALayer):

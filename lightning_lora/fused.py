@@ -1,0 +1,143 @@
+"""The fast path of :class:`~lightning_lora.layers.LoRALinear`: one autograd Function for the frozen
+linear and its low-rank update together, in as few passes over the activations as cuBLAS allows.
+
+The math is the reference formula (``layers.LoRALinear.reference_forward``); only the order of the
+work changes. With ``x: (N, d_in)``, ``W: (d_out, d_in)``, ``A: (r, d_in)``, ``B: (d_out, r)`` and
+``s = alpha / r``::
+
+    forward   a  = x Aᵀ                  (N, r)      the only extra read of x
+              y  = s · a Bᵀ [+ b]        (N, d_out)  a GEMM with K = r writes y ...
+              y += x Wᵀ                  (N, d_out)  ... and the frozen GEMM adds into it (beta = 1)
+    backward  g  = s · dy B              (N, r)
+              dB = s · dyᵀ a             (d_out, r)
+              dA = gᵀ x                  (r, d_in)
+              dx = g A;  dx += dy W      (N, d_in)   the frozen GEMM again adds into the LoRA part
+
+Saved for backward: ``x`` (by reference: the layer's input), ``a`` (``N × r``, small), ``W``,
+``A``, ``B``. Autograd over the plain formula does the same GEMMs plus three passes over
+``N × d`` tensors that this one avoids: the add of the LoRA output into ``y``, the ``dy · s``
+in backward, and the sum of the two ``dx`` parts. The scale ``s`` is the ``alpha`` of a GEMM
+(with ``beta = 0`` into a fresh buffer), so it costs no kernel at all.
+
+With dropout on the adapter's input, ``x_adapter = dropout(x)`` comes in as its own tensor (drawn
+by the caller, exactly as the reference draws it): ``dA`` and the LoRA part of ``dx`` then use it,
+and autograd applies the dropout mask and adds the two ``dx`` parts.
+
+Under ``torch.compile`` the reference formula is used by default: Inductor fuses its element-wise
+work into neighbouring kernels itself, while an in-place ``addmm_`` would become an out-of-place
+``addmm`` (a copy of ``y``). ``set_fast_path("always")`` forces the Function everywhere (to
+measure it), ``"never"`` turns it off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+FAST_PATH_MODES = ("auto", "always", "never")
+_mode = "auto"
+
+
+def set_fast_path(mode: str) -> None:
+    """``"auto"`` (default): the Function in eager mode, the reference formula under
+    ``torch.compile``; ``"always"``: the Function in both; ``"never"``: the reference formula."""
+    global _mode
+    if mode not in FAST_PATH_MODES:
+        raise ValueError(f"fast path mode must be one of {FAST_PATH_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def fast_path_mode() -> str:
+    return _mode
+
+
+@contextmanager
+def fast_path(mode: str) -> Iterator[None]:
+    """``with fast_path("never"): ...`` runs the block with another mode, then restores it."""
+    before = _mode
+    set_fast_path(mode)
+    try:
+        yield
+    finally:
+        set_fast_path(before)
+
+
+def fast_path_wanted() -> bool:
+    """Whether the current mode asks for the Function here (eager, or forced under compile)."""
+    if _mode == "never":
+        return False
+    return _mode == "always" or not torch.compiler.is_compiling()
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b + s · x_a Aᵀ Bᵀ`` with a frozen ``W`` and ``b``; ``x_a`` is ``x`` or
+    ``dropout(x)``. Gradients for ``x``, ``A``, ``B`` (and ``x_adapter``); none for ``W``, ``b``."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        A: Tensor,
+        B: Tensor,
+        scaling: float,
+        x_adapter: Tensor | None,
+    ) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, x_adapter.shape[-1])
+        a = xa2 @ A.t()  # (N, r)
+        # y = s · a Bᵀ (+ b): the scale rides in the GEMM's alpha (no kernel of its own); beta = 0
+        # means y's uninitialised contents are never read.
+        if bias is None:
+            y = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, B.t(), beta=0, alpha=scaling)
+        else:
+            y = torch.addmm(bias, a, B.t(), alpha=scaling)
+        y.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
+        ctx.save_for_backward(xa2, a, weight, A, B)
+        ctx.scaling = scaling
+        ctx.separate_adapter_input = x_adapter is not None
+        ctx.x_shape, ctx.xa_shape = x.shape, (x_adapter.shape if x_adapter is not None else None)
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        xa2, a, weight, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need_x, _, _, need_A, need_B, _, need_xa = ctx.needs_input_grad
+        g = None
+        if need_A or need_x or need_xa:  # g = s · dy B  (N, r)
+            g = a.new_empty(a.shape).addmm_(dy2, B, beta=0, alpha=s)
+        dA = g.t() @ xa2 if need_A else None
+        dB = B.new_empty(B.shape).addmm_(dy2.t(), a, beta=0, alpha=s) if need_B else None
+        dx = dxa = None
+        if ctx.separate_adapter_input:
+            if need_x:
+                dx = (dy2 @ weight).view(ctx.x_shape)
+            if need_xa:
+                dxa = (g @ A).view(ctx.xa_shape)
+        elif need_x:
+            dx2 = g @ A  # (N, d_in) LoRA part ...
+            dx2.addmm_(dy2, weight)  # ... and the frozen GEMM adds the base part into it
+            dx = dx2.view(ctx.x_shape)
+        return dx, None, None, dA, dB, None, dxa
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    x_adapter: Tensor | None = None,
+) -> Tensor:
+    """``x Wᵀ + b + scaling · x_adapter Aᵀ Bᵀ`` (``x_adapter`` defaults to ``x``) through
+    :class:`LoRALinearFunction`. ``weight`` and ``bias`` must not require gradients; all tensors
+    share one dtype."""
+    return LoRALinearFunction.apply(x, weight, bias, A, B, scaling, x_adapter)
