@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import LoRAConfig
+from .distributed import is_sharded, merge_gathered, save_adapter_gathered
 from .errors import LoRAStateError
 from .inject import (
     adapter_names,
@@ -43,7 +44,6 @@ from .inject import (
     lora_config,
     lora_state_dict,
     mark_only_lora_as_trainable,
-    unload_lora,
 )
 from .io import save_adapter
 from .stats import ParameterStats, parameter_stats
@@ -254,12 +254,15 @@ class LoRACallback(Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "lora_adapter"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every rank takes part (a sharded model is gathered to save and to merge); rank 0
+        writes. Under FSDP the merged LoRA layers stay in place, marked merged: FSDP owns the
+        parameter layout. (Lightning calls this after the strategy's teardown, so under DDP the
+        model is back on the CPU and the merge runs there.)"""
         directory = self.resolve_adapter_dir(trainer)
-        if trainer.is_global_zero:
-            save_adapter(pl_module, directory, self.adapter_name)
-            rank_zero_info(f"LoRA adapter saved to {directory}")
+        save_adapter_gathered(trainer.strategy.model, pl_module, directory, self.adapter_name, trainer.is_global_zero)
+        rank_zero_info(f"LoRA adapter saved to {directory}")
         if self.merge_on_fit_end:
-            unload_lora(pl_module, merge=True)
+            merge_gathered(trainer.strategy.model, pl_module)
             self._merged_modules.add(id(pl_module))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -270,6 +273,14 @@ class LoRACallback(Callback):
         # that did not fail (trainer.log_dir broadcasts).
         fallback = Path(self.adapter_dir) if self.adapter_dir else Path(trainer.default_root_dir) / "lora_adapter"
         directory = (self._adapter_dir or fallback) / "last"
+        if is_sharded(trainer.strategy.model):
+            # Gathering the shards is a collective the healthy ranks will not join now; saving
+            # the local shards would write fragments under wrapper names. Checkpoints cover this.
+            rank_zero_warn(
+                f"fit stopped ({type(exception).__name__}) with a sharded (FSDP) model: the adapter "
+                f"cannot be gathered now, so nothing was saved to {directory}; use the last checkpoint."
+            )
+            return
         if trainer.is_global_zero:
             try:
                 save_adapter(pl_module, directory, self.adapter_name)

@@ -1,0 +1,166 @@
+"""LoRA when a strategy has wrapped or sharded the model: saving and merging the adapter.
+
+Training itself needs nothing from here. LoRA is injected before any strategy wraps the model
+(the callback does it at ``setup``), so:
+
+* **DDP** registers only parameters with ``requires_grad`` in its reducer: the adapters. Only
+  their gradients are all-reduced, every LoRA parameter gets a gradient each step, and
+  ``find_unused_parameters`` stays off. The module tree is untouched, so ``save_adapter`` and
+  ``unload_lora`` work as on one device.
+* **FSDP** (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) with
+  ``use_orig_params=True`` trains frozen and LoRA parameters side by side in one flat parameter.
+  Between steps each rank holds only a 1-D shard of every parameter, and the module names
+  gain ``_fsdp_wrapped_module.`` segments. Reading the adapter then needs the full parameters
+  (a collective every rank joins) and the bare module names; merging must write into the full
+  parameters and leave the module tree as FSDP built it.
+
+  A cost to know: a flat parameter requires grad if any parameter in it does, so within a unit
+  that holds adapters autograd also computes ``dW`` for the frozen weights (FSDP then drops it),
+  and the LoRA layers take their reference path (their weight "requires grad"). On 2×H200 this
+  made FSDP 1.33× slower than DDP per step (``experiments/benchmark/RESULTS.md``); giving frozen
+  Linears units of their own avoids the waste but was slower still (one all-gather per Linear).
+  Prefer DDP while the model fits on one GPU.
+
+:func:`save_adapter_gathered` and :func:`merge_gathered` do both, and reduce to
+``save_adapter`` / ``unload_lora`` when nothing is sharded. Call them on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LoRAStateError
+from .inject import _STATE_ATTR, merge_lora, unload_lora
+from .io import save_adapter
+from .layers import LoRALayer
+
+# Attribute names under which wrappers keep the module they wrap: FSDP, activation
+# checkpointing, torch.compile's OptimizedModule. DDP keeps it as ``module``.
+WRAPPED_CHILD = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _fsdp_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel
+
+
+def _wrapped(module: nn.Module) -> nn.Module | None:
+    """The module ``module`` wraps, or ``None`` if it is no wrapper."""
+    for name in WRAPPED_CHILD:
+        inner = module._modules.get(name)
+        if inner is not None:
+            return inner
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.module
+    return None
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip wrappers from the top of ``module`` (DDP, FSDP, compile, checkpointing)."""
+    inner = _wrapped(module)
+    while inner is not None:
+        module, inner = inner, _wrapped(inner)
+    return module
+
+
+class _View(nn.Module):
+    """A container in :func:`unwrapped_view`: holds children, parameters and buffers of the
+    module it mirrors, by reference. It has no ``forward``; it exists to be named and read."""
+
+
+def unwrapped_view(model: nn.Module) -> nn.Module:
+    """``model`` as if no wrapper had been applied inside it: the same leaf modules and
+    parameters (not copies), with the bare names (``layers.0.self_attn.q_proj`` instead of
+    ``layers.0._fsdp_wrapped_module.self_attn.q_proj``), and the LoRA record of the model.
+
+    Subtrees without wrappers are returned as they are, so on an unwrapped model this is
+    ``model`` itself. Meant for reading (naming, saving); never train or call the view.
+    """
+    model = unwrap(model)
+    if isinstance(model, LoRALayer) or not any(_wrapped(m) is not None for m in model.modules()):
+        return model  # a LoRA layer stays itself (its base layer may be wrapped: it reads through)
+    view = _View()
+    view._parameters.update(model._parameters)
+    view._buffers.update(model._buffers)
+    for name, child in model._modules.items():
+        if child is not None:
+            view._modules[name] = unwrapped_view(child)
+    if _STATE_ATTR in model.__dict__:
+        view.__dict__[_STATE_ATTR] = model.__dict__[_STATE_ATTR]
+    return view
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP shards (part of) ``module``."""
+    fsdp = _fsdp_class()
+    return fsdp is not None and any(isinstance(m, fsdp) for m in module.modules())
+
+
+def _refuse_dtensors(modules: Iterable[nn.Module]) -> None:
+    for module in modules:
+        for name, p in module.named_parameters():
+            if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
+                raise LoRAStateError(
+                    f"parameter {name!r} is a DTensor (FSDP2 / fully_shard, Lightning's "
+                    f"ModelParallelStrategy): lightning-lora gathers adapters of FSDP1 only "
+                    f"(Lightning's FSDPStrategy). Use FSDPStrategy, or gather with "
+                    f"torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True)."
+                )
+
+
+@contextmanager
+def full_parameters(root: nn.Module, writeback: bool = False) -> Iterator[None]:
+    """Inside the block every parameter under ``root`` is whole on every rank (a collective:
+    every rank must enter). ``writeback=True`` writes changes back into the shards on exit.
+    ``root`` is the outermost wrapped module, e.g. Lightning's ``trainer.strategy.model``;
+    a no-op when nothing is sharded."""
+    fsdp = _fsdp_class()
+    if fsdp is None or not is_sharded(root):
+        _refuse_dtensors([root])
+        yield
+        return
+    with fsdp.summon_full_params(root, writeback=writeback, recurse=True):
+        yield
+
+
+def save_adapter_gathered(
+    root: nn.Module,
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_global_zero: bool = True,
+) -> Path | None:
+    """``save_adapter`` for a model a strategy may have sharded. Every rank calls it (the
+    gather is collective); the rank with ``is_global_zero`` writes. ``root`` is the outermost
+    wrapper (``trainer.strategy.model``), ``model`` the module LoRA was injected into (the
+    LightningModule). The file has the bare module names, as from an unwrapped model."""
+    with full_parameters(root, writeback=False):
+        if is_global_zero:
+            return save_adapter(unwrapped_view(model), path, adapter_name)
+    return None
+
+
+def merge_gathered(root: nn.Module, model: nn.Module, adapter_names: str | Iterable[str] | None = None) -> bool:
+    """Merge ``ΔW`` into ``W`` on every rank, sharded or not; every rank calls it.
+
+    Unsharded: ``unload_lora(model, merge=True)`` (plain modules back); returns ``True``.
+    Sharded: the full weights are gathered, merged (fp32, NaN-checked, as ``merge_lora``) and
+    written back into the shards; the LoRA layers stay in place, marked merged, so the forward
+    runs the base layers only (FSDP owns the parameter layout, so modules cannot be swapped
+    back). Returns ``False``: the layers are still there."""
+    if not is_sharded(root):
+        _refuse_dtensors([root])
+        unload_lora(unwrap(model), merge=True)
+        return True
+    with full_parameters(root, writeback=True):
+        merge_lora(unwrapped_view(model), adapter_names)
+    return False

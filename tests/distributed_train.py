@@ -1,0 +1,238 @@
+"""Two-process CPU (gloo) runs for tests/test_distributed.py; a script, because Lightning's DDP
+launcher re-executes the command that started it once per extra rank.
+
+    python tests/distributed_train.py ddp OUT    # Lightning Trainer, DDPStrategy, 2 processes
+    python tests/distributed_train.py fsdp OUT   # torch FSDP (FSDPStrategy's wrapper), 2 processes
+
+``ddp`` writes OUT/probe.json (what each rank saw after backward) and OUT/adapter (saved by the
+callback on rank 0). ``fsdp`` writes OUT/fsdp.json and OUT/adapter (saved through
+``save_adapter_gathered`` from a sharded model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from lightning_lora import LoRACallback, inject_lora, lora_parameters
+from lightning_lora.distributed import merge_gathered, save_adapter_gathered
+from lightning_lora.io import adapter_tensors
+
+STEPS, GLOBAL_BATCH = 4, 16
+
+
+class TinyClassifier(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        """Rank r takes examples r, r + W, r + 2W, ... in order, so each step's global batch is
+        GLOBAL_BATCH consecutive examples whatever the world size W. (Lightning's own
+        DistributedSampler always shuffles training data, which would change the batches.)"""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        data = dataset()
+        mine = Subset(data, range(rank, len(data), world))
+        return DataLoader(mine, batch_size=GLOBAL_BATCH // world, shuffle=False)
+
+    def configure_optimizers(self):
+        # SGD: the update is linear in the gradient, so gradient rounding stays at rounding size
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(
+        torch.randn(STEPS * GLOBAL_BATCH, 8, generator=g), torch.randint(0, 3, (STEPS * GLOBAL_BATCH,), generator=g)
+    )
+
+
+class Reseed(L.Callback):
+    """Listed before LoRACallback, so A is drawn from the same RNG state in every run."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        torch.manual_seed(1)
+
+
+class Probe(L.Callback):
+    """After the first backward: which gradients exist, and are the LoRA ones equal on all ranks?"""
+
+    def __init__(self) -> None:
+        self.seen: dict | None = None
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.seen is not None:
+            return
+        frozen = [n for n, p in pl_module.named_parameters() if not p.requires_grad]
+        lora = lora_parameters(pl_module)
+        flat = torch.cat([p.grad.flatten() for p in lora])
+        gathered = trainer.strategy.all_gather(flat)
+        ddp = trainer.strategy.model
+        registered = ddp._build_params_for_reducer()[0] if hasattr(ddp, "_build_params_for_reducer") else []
+        lora_ids = {id(p) for p in lora}
+        self.seen = {
+            "world_size": trainer.world_size,
+            "wrapper": type(ddp).__name__,
+            "find_unused_parameters": getattr(ddp, "find_unused_parameters", None),
+            "frozen_with_grad": [
+                n for n, p in pl_module.named_parameters() if not p.requires_grad and p.grad is not None
+            ],
+            "n_frozen": len(frozen),
+            "lora_grads_identical_across_ranks": bool(all(torch.equal(g, gathered[0]) for g in gathered)),
+            "lora_grad_norm": flat.norm().item(),
+            "n_registered": len(registered),
+            "n_registered_lora": sum(id(p) in lora_ids for p in registered),
+            "n_lora": len(lora),
+        }
+
+
+def fit(devices: int, out: Path) -> Probe:
+    """Train TinyClassifier with LoRA for STEPS steps of GLOBAL_BATCH examples in all."""
+    module = TinyClassifier()
+    probe = Probe()
+    lora = LoRACallback(
+        r=4, alpha=8, target_modules="all-linear", adapter_dir=str(out / "adapter"), merge_on_fit_end=False
+    )
+    strategy = DDPStrategy(find_unused_parameters=False, process_group_backend="gloo") if devices > 1 else "auto"
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Reseed(), lora, probe],
+        default_root_dir=str(out),
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module)
+    if trainer.is_global_zero and devices > 1:
+        (out / "probe.json").write_text(json.dumps(probe.seen))
+    return probe
+
+
+# ------------------------------------------------------------------------------- FSDP
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.o = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.o(torch.tanh(self.q(x)))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def frozen_linear_policy(block_types):
+    """FSDP1 policy: a unit per block and one per frozen ``nn.Linear`` (the base layers inside
+    LoRA layers), so no flat parameter mixes frozen weight matrices with adapters."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    blocks = tuple(block_types)
+
+    def wrap(module: nn.Module) -> bool:
+        if isinstance(module, blocks):
+            return True
+        return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
+
+    return CustomPolicy(wrap)
+
+
+def _fsdp_round(rank: int, out: Path, policy_name: str) -> dict:
+    """Inject, wrap with FSDP, take one backward, then gather-save, forward, merge, forward."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    net = Net()
+    torch.manual_seed(2)
+    inject_lora(net, r=2, alpha=4, target_modules="all-linear", init="gaussian")
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = net(x)
+    names_before = sorted(adapter_tensors(net))
+    policy = ModuleWrapPolicy({Block}) if policy_name == "blocks" else frozen_linear_policy({Block})
+    root = FSDP(net, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    root(x).sum().backward()  # a training step's worth of sharded state
+    mixed = 0  # units whose one flat parameter holds adapters and frozen weight matrices
+    for unit in root.modules():
+        handle = getattr(unit, "_handle", None) if isinstance(unit, FSDP) else None
+        if handle is not None and handle.flat_param is not None:
+            flat = handle.flat_param
+            frozen_matrix = any(
+                len(s) > 1 and not p.requires_grad for p, s in zip(flat._params, flat._shapes, strict=True)
+            )
+            mixed += bool(frozen_matrix and any(p.requires_grad for p in flat._params))
+    shard_dims = sorted({p.dim() for p in lora_parameters(net)})
+    save_adapter_gathered(root, net, out / f"adapter_{policy_name}", is_global_zero=rank == 0)
+    with torch.no_grad():
+        sharded = root(x)
+    unloaded = merge_gathered(root, net)
+    with torch.no_grad():
+        merged = root(x)
+    return {
+        "before": before.tolist(),
+        "sharded": sharded.tolist(),
+        "merged": merged.tolist(),
+        "unloaded": unloaded,
+        "shard_dims": shard_dims,
+        "names_before": names_before,
+        "x": x.tolist(),
+        "units_mixing_frozen_weights_and_adapters": int(mixed),
+    }
+
+
+def fsdp_worker(rank: int, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    report = {policy: _fsdp_round(rank, Path(out), policy) for policy in ("blocks", "split")}
+    if rank == 0:
+        (Path(out) / "fsdp.json").write_text(json.dumps(report))
+    torch.distributed.barrier()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it after the run is done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    mode, out_dir = sys.argv[1], Path(sys.argv[2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "ddp":
+        fit(devices=2, out=out_dir)
+    elif mode == "fsdp":
+        torch.multiprocessing.spawn(fsdp_worker, args=(str(out_dir), free_port()), nprocs=2)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}; use ddp or fsdp")

@@ -1,0 +1,138 @@
+"""LoRA beyond one device, through Lightning's strategies: DDP on two CPU processes (gloo), FSDP's
+sharded parameters gathered for saving and merging, and the unwrapped names adapters are saved
+under."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from lightning_lora import LoRALinear, inject_lora, load_adapter, lora_parameters
+from lightning_lora.distributed import merge_gathered, save_adapter_gathered, unwrap, unwrapped_view
+from lightning_lora.io import adapter_tensors
+
+from .distributed_train import Net, fit
+
+HELPER = Path(__file__).with_name("distributed_train.py")
+
+
+def run_two_processes(mode: str, out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(HELPER.parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(HELPER), mode, str(out)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    run_two_processes("ddp", out)
+    return out
+
+
+def test_ddp_reduces_only_lora_gradients_without_find_unused_parameters(ddp_run):
+    seen = json.loads((ddp_run / "probe.json").read_text())
+    assert seen["world_size"] == 2 and seen["wrapper"] == "DistributedDataParallel"
+    assert seen["find_unused_parameters"] is False
+    assert seen["n_frozen"] > 0 and seen["frozen_with_grad"] == []  # base weights: .grad is None
+    # DDP's reducer holds exactly the LoRA parameters: nothing else is all-reduced
+    assert seen["n_registered"] == seen["n_registered_lora"] == seen["n_lora"] == 6
+    assert seen["lora_grads_identical_across_ranks"] and seen["lora_grad_norm"] > 0
+
+
+def test_ddp_adapter_equals_one_process_on_the_same_global_batch(ddp_run, tmp_path):
+    fit(devices=1, out=tmp_path)
+    two, one = (
+        load_file(ddp_run / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "adapter" / "adapter_model.safetensors"),
+    )
+    assert two.keys() == one.keys() and len(two) == 6
+    initial_b_is_zero = all(torch.count_nonzero(t) > 0 for k, t in one.items() if "lora_B" in k)
+    assert initial_b_is_zero  # it trained: B moved away from its zero init
+    # Not bit-exact: each rank averages its 8 examples and DDP averages the two means, while one
+    # process averages 16; float addition in another order rounds differently (~1e-8 here).
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    run_two_processes("fsdp", out)
+    return out, json.loads((out / "fsdp.json").read_text())
+
+
+@pytest.mark.parametrize("policy", ["blocks", "split"])
+def test_fsdp_adapter_is_gathered_under_bare_names_and_reproduces_the_outputs(fsdp_run, policy):
+    out, reports = fsdp_run
+    report = reports[policy]
+    assert report["shard_dims"] == [1]  # between steps each rank holds flat 1-D shards only
+    saved = load_file(out / f"adapter_{policy}" / "adapter_model.safetensors")
+    assert sorted(saved) == report["names_before"]  # no "_fsdp_wrapped_module" in any key
+    fresh = Net()  # same base weights (seed 0), adapter from the file
+    load_adapter(fresh, out / f"adapter_{policy}")
+    with torch.no_grad():
+        y = fresh(torch.tensor(report["x"]))
+    torch.testing.assert_close(y, torch.tensor(report["before"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(report["sharded"]), torch.tensor(report["before"]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["blocks", "split"])
+def test_fsdp_merge_writes_delta_w_into_the_shards_and_keeps_the_layers(fsdp_run, policy):
+    report = fsdp_run[1][policy]
+    assert report["unloaded"] is False
+    torch.testing.assert_close(torch.tensor(report["merged"]), torch.tensor(report["before"]), rtol=0, atol=1e-5)
+
+
+def test_lora_wrap_policy_keeps_frozen_weights_out_of_the_adapters_flat_parameters(fsdp_run):
+    reports = fsdp_run[1]
+    assert reports["blocks"]["units_mixing_frozen_weights_and_adapters"] > 0  # the problem it solves
+    assert reports["split"]["units_mixing_frozen_weights_and_adapters"] == 0
+
+
+def test_unwrapped_view_names_modules_as_the_bare_model():
+    net = Net()
+    inject_lora(net, r=2, target_modules="all-linear", init="gaussian")
+    expected = {k: v.clone() for k, v in adapter_tensors(net).items()}
+    for i, block in enumerate(net.blocks):  # activation checkpointing wraps each block
+        net.blocks[i] = checkpoint_wrapper(block)
+    compiled = torch.compile(net)  # OptimizedModule: a wrapper too (not compiled until called)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in net.named_modules())
+    view = unwrapped_view(compiled)
+    assert unwrap(compiled) is net and view is not net
+    got = adapter_tensors(view)
+    assert got.keys() == expected.keys()  # bare names: no "_checkpoint_wrapped_module", no "_orig_mod"
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key])
+    # the view shares the parameters (no copies): what FSDP gathers in place is what is read
+    assert {t.data_ptr() for t in got.values()} == {p.data_ptr() for p in lora_parameters(net)}
+
+
+def test_unsharded_save_and_merge_are_save_adapter_and_unload(tmp_path):
+    net = Net()
+    inject_lora(net, r=2, target_modules="all-linear", init="gaussian")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = net(x)
+    save_adapter_gathered(net, net, tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    assert merge_gathered(net, net) is True
+    assert not any(isinstance(m, LoRALinear) for m in net.modules()) and not lora_parameters(net)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=0, atol=1e-5)
+    assert isinstance(net.head, nn.Linear)
+
+
+def test_non_zero_ranks_write_nothing(tmp_path):
+    net = Net()
+    inject_lora(net, r=2, target_modules="all-linear")
+    assert save_adapter_gathered(net, net, tmp_path / "b", is_global_zero=False) is None
+    assert not (tmp_path / "b").exists()
