@@ -332,14 +332,16 @@ def merge_lora(model: nn.Module, adapter_names: str | Iterable[str] | None = Non
     if not plan:
         raise LoRAStateError("nothing to merge: no active adapter (see set_adapter).")
     if safe:
-        for target, names in plan:
-            merged = target.layer.merged_region(target.weight, names).to(target.weight.dtype)
-            if not torch.isfinite(merged).all():
-                raise LoRAStateError(
-                    f"merging adapter(s) {names} into {target.name!r} gives NaN or Inf in "
-                    f"{target.weight.dtype}; no weight was changed. Check the adapter's "
-                    f"tensors (lightning-lora inspect) or train with a lower learning rate."
-                )
+        # One flag per weight, read back in one synchronisation rather than one per layer.
+        finite = [torch.isfinite(t.layer.merged_region(t.weight, n).to(t.weight.dtype)).all() for t, n in plan]
+        bad = [i for i, ok in enumerate(torch.stack(finite).tolist()) if not ok]
+        if bad:
+            target, names = plan[bad[0]]
+            raise LoRAStateError(
+                f"merging adapter(s) {names} into {target.name!r} gives NaN or Inf in "
+                f"{target.weight.dtype}; no weight was changed. Check the adapter's "
+                f"tensors (lightning-lora inspect) or train with a lower learning rate."
+            )
     for target, names in plan:
         target.layer.merge(target.weight, names)
 
