@@ -1,0 +1,314 @@
+"""Turn benchmark records (``records.jsonl`` from ``gpu_benchmark.py`` and ``multi_gpu.py``) into
+``RESULTS.md``: tables of medians, ratios to the frozen-base floor, peak memory, the targets, and
+the profile that shows where the time goes.
+
+    python experiments/benchmark/report.py OUT/records.jsonl [OUT2/multi.jsonl ...] \\
+        --machine OUT/machine.json --out experiments/benchmark/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Targets of issue 7 (H100, one run).
+EAGER_MAX, COMPILED_MAX, PEFT_SPEEDUP_MIN = 1.10, 1.05, 2.0
+MEMORY_SLACK, INFER_MAX, CALLBACK_MAX = 1.05, 1.15, 1.02
+STATE_BYTES_PER_PARAM = 8  # bf16 adapter: weight, grad, AdamW exp_avg and exp_avg_sq, 2 bytes each
+
+
+def _by_config(records: list[dict]) -> dict[str, dict]:
+    return {r["config"]: r for r in records if r.get("median_s") is not None or r.get("first_s") is not None}
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _ratio(a: dict | None, b: dict | None) -> float | None:
+    if not a or not b or not a.get("median_s") or not b.get("median_s"):
+        return None
+    return a["median_s"] / b["median_s"]
+
+
+def _params_line(shape: dict) -> str:
+    h, i, v, n = shape["hidden"], shape["intermediate"], shape["vocab"], shape["layers"]
+    total = 2 * v * h + n * (4 * h * h + 3 * h * i + 2 * h) + h
+    return (
+        f"Llama-shaped model from `transformers.LlamaConfig`, random weights: {n} layers, hidden {h}, "
+        f"intermediate {i}, {shape['heads']} heads, vocab {v} ({total / 1e6:.0f}M parameters), bf16, "
+        f"batch {shape['batch']}×{shape['seq']} tokens; LoRA r=16, α=32 on q, k, v, o, gate, up, down; "
+        f"fused AdamW (lr 1e-4)."
+    )
+
+
+def training_table(by: dict[str, dict]) -> list[str]:
+    floor_e, floor_c = by.get("floor eager"), by.get("floor compiled")
+    rows = [
+        "| configuration | path | s/step (median) | IQR | × eager floor | × floor, same mode | peak GiB | trainable |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in by.values():
+        if r.get("group") != "train":
+            continue
+        same = floor_c if r.get("compiled") else floor_e
+        path = r.get("via", "")
+        if r.get("setup", "").startswith("ours"):
+            path += {"auto": ", fast path", "never": ", reference path", "always": ", Function forced"}.get(
+                r.get("fast_path", ""), ""
+            )
+        if r.get("cuda_graphs"):
+            path += ", CUDA graphs"
+        if r.get("graph_breaks"):
+            path += f", {r['graph_breaks']} graph breaks"
+        rows.append(
+            f"| {r['config']} | {path} | {_fmt_s(r['median_s'])} | {_fmt_s(r['q1_s'])}–{_fmt_s(r['q3_s'])} "
+            f"| {_fmt(_ratio(r, floor_e), '.3f', '×')} | {_fmt(_ratio(r, same), '.3f', '×')} "
+            f"| {_fmt(r.get('peak_gib'), '.2f')} | {r.get('trainable', 0):,} |"
+        )
+    return rows
+
+
+def targets_table(by: dict[str, dict]) -> list[str]:
+    rows = ["| target | measured | met? |", "|---|---|---|"]
+
+    def row(what: str, value: float | None, ok: bool | None, shown: str) -> None:
+        mark = "—" if ok is None else ("yes" if ok else "**no**")
+        rows.append(f"| {what} | {shown if value is not None else 'not measured'} | {mark} |")
+
+    floor_e, floor_c = by.get("floor eager"), by.get("floor compiled")
+    ours_e, ours_c = by.get("ours eager"), by.get("ours compiled")
+    v = _ratio(ours_e, floor_e)
+    row(f"eager step ≤ {EAGER_MAX}× eager floor", v, v is not None and v <= EAGER_MAX, f"{_fmt(v, '.3f')}×")
+    v = _ratio(ours_c, floor_c)
+    row(f"compiled step ≤ {COMPILED_MAX}× compiled floor", v, v is not None and v <= COMPILED_MAX, f"{_fmt(v, '.3f')}×")
+    peft = by.get("peft-default eager")
+    for ours in (ours_e, ours_c):
+        v = _ratio(peft, ours)
+        if ours is not None:
+            row(
+                f"≥ {PEFT_SPEEDUP_MIN}× faster than PEFT defaults (eager) — {ours['config']}",
+                v,
+                v is not None and v >= PEFT_SPEEDUP_MIN,
+                f"{_fmt(v, '.2f')}×",
+            )
+    for ours, floor in ((ours_e, floor_e), (ours_c, floor_c)):
+        if ours and floor and ours.get("peak_gib") and floor.get("peak_gib"):
+            state = ours["trainable"] * STATE_BYTES_PER_PARAM / 2**30
+            allowed = MEMORY_SLACK * floor["peak_gib"] + state
+            row(
+                f"peak ≤ {MEMORY_SLACK}× floor + adapter/optimizer state — {ours['config']}",
+                ours["peak_gib"],
+                ours["peak_gib"] <= allowed,
+                f"{ours['peak_gib']:.2f} GiB vs allowed {allowed:.2f} (floor {floor['peak_gib']:.2f} + state {state:.2f})",
+            )
+    v = _ratio(by.get("ours unmerged"), by.get("merged (plain model, after unload_lora)"))
+    row(f"unmerged inference ≤ {INFER_MAX}× merged", v, v is not None and v <= INFER_MAX, f"{_fmt(v, '.3f')}×")
+    for cb, fn in (("ours callback eager", "ours eager"), ("ours callback compiled", "ours compiled")):
+        cbs = [by[n]["median_s"] for n in (cb, f"{cb} (repeat)") if n in by]
+        fns = [by[n]["median_s"] for n in (fn, f"{fn} (repeat)") if n in by]
+        if cbs and fns:
+            v = (sum(cbs) / len(cbs)) / (sum(fns) / len(fns))
+            runs = ", ".join(_fmt_s(x) for x in cbs) + " vs " + ", ".join(_fmt_s(x) for x in fns)
+            row(f"callback within 2% of functional — {cb}", v, v <= CALLBACK_MAX, f"{v:.3f}× (mean of runs: {runs})")
+    g_floor, g_ours = by.get("floor compiled + CUDA graphs"), by.get("ours compiled + CUDA graphs")
+    v = _ratio(g_ours, g_floor)
+    if v is not None:
+        rows.append(f"| (diagnostic) compiled + CUDA graphs, ours / floor | {v:.3f}× | — |")
+    return rows
+
+
+def inference_tables(by: dict[str, dict]) -> list[str]:
+    merged = by.get("merged (plain model, after unload_lora)")
+    rows = ["| forward, 8×1024 tokens, logits | s (median) | × merged plain model | peak GiB |", "|---|---|---|---|"]
+    for r in by.values():
+        if r.get("group") == "infer":
+            rows.append(
+                f"| {r['config']} | {_fmt_s(r['median_s'])} | {_fmt(_ratio(r, merged), '.3f', '×')} "
+                f"| {_fmt(r.get('peak_gib'), '.2f')} |"
+            )
+    rows += ["", "| merge the whole model | first call | median of repeats | rel. diff of logits, merged vs unmerged |"]
+    rows.append("|---|---|---|---|")
+    for r in by.values():
+        if r.get("group") == "merge":
+            rows.append(
+                f"| {r['config']} | {_fmt_s(r.get('first_s'))} | {_fmt_s(r.get('median_s'))} "
+                f"| {_fmt(r.get('rel_diff_logits'), '.2e')} |"
+            )
+    return rows
+
+
+def micro_table(by: dict[str, dict]) -> list[str]:
+    micro = [r for r in by.values() if r.get("group") == "micro"]
+    if not micro:
+        return []
+    rows = [
+        "| one layer, all tokens of the batch | wall µs (median) | device µs (kernels) | device µs over frozen |",
+        "|---|---|---|---|",
+    ]
+    variants = ("frozen Linear", "frozen", "reference", "fast path", "three fast-path layers", "stacked A (experiment)")
+
+    def key(config: str) -> str:
+        for v in variants:
+            config = config.replace(v, "{v}")
+        return config
+
+    frozen = {key(r["config"]): r.get("device_us") for r in micro if "frozen" in r["config"]}
+    for r in micro:
+        base, dev = frozen.get(key(r["config"])), r.get("device_us")
+        extra = "" if base is None or dev is None or "frozen" in r["config"] else f"{dev - base:+.0f}"
+        diff = f" (grads vs three layers: rel. {r['rel_diff_grads']:.1e})" if r.get("rel_diff_grads") else ""
+        rows.append(f"| {r['config']}{diff} | {r['median_s'] * 1e6:.0f} | {_fmt(dev, '.0f')} | {extra} |")
+    return rows
+
+
+def profile_tables(by: dict[str, dict]) -> list[str]:
+    out: list[str] = []
+    for mode, names in (
+        ("eager", ["floor eager", "ours eager", "ours eager, reference path"]),
+        ("compiled", ["floor compiled", "ours compiled"]),
+    ):
+        profs = [(n, by[n]["profile"]) for n in names if n in by and by[n].get("profile")]
+        if len(profs) < 2:
+            continue
+        cats = sorted({c for _, p in profs for c in p["categories_us"]})
+        head = " | ".join(n for n, _ in profs)
+        out += [
+            f"**{mode}**: device time per step by kernel kind (ms; 3 profiled steps averaged)",
+            "",
+            f"| kind | {head} | Δ {profs[1][0]} − {profs[0][0]} |",
+            "|---|" + "---|" * (len(profs) + 1),
+        ]
+        for c in [*cats, "total"]:
+            vals = [p["categories_us"].get(c, 0.0) if c != "total" else p["total_us"] for _, p in profs]
+            cells = " | ".join(f"{v / 1e3:.1f}" for v in vals)
+            label = "**device total**" if c == "total" else c
+            out.append(f"| {label} | {cells} | {(vals[1] - vals[0]) / 1e3:+.1f} |")
+        walls = [by[n]["median_s"] * 1e6 for n, _ in profs]
+        idle = [w - p["total_us"] for w, (_, p) in zip(walls, profs, strict=True)]
+        cpu = [p.get("cpu_self_us", 0.0) for _, p in profs]
+        for label, vals in (
+            ("wall (median step)", walls),
+            ("GPU idle = wall − device", idle),
+            ("CPU self time, profiled", cpu),
+        ):
+            cells = " | ".join(f"{v / 1e3:.1f}" for v in vals)
+            out.append(f"| {label} | {cells} | {(vals[1] - vals[0]) / 1e3:+.1f} |")
+        floor_k, ours_k = profs[0][1]["kernels"], profs[1][1]["kernels"]
+        deltas = []
+        for k in set(floor_k) | set(ours_k):
+            a, b = floor_k.get(k, {"us": 0, "count": 0}), ours_k.get(k, {"us": 0, "count": 0})
+            deltas.append((b["us"] - a["us"], k, a, b))
+        deltas.sort(reverse=True)
+        out += [
+            "",
+            f"Kernels that gained the most device time per step ({profs[1][0]} vs {profs[0][0]}; top 40 kernels of each profiled):",
+            "",
+            "| kernel | floor ms (calls) | ours ms (calls) | Δ ms |",
+            "|---|---|---|---|",
+        ]
+        for d, k, a, b in deltas[:12]:
+            name = k if len(k) <= 90 else k[:87] + "..."
+            name = name.replace("|", "\\|")
+            out.append(
+                f"| `{name}` | {a['us'] / 1e3:.2f} ({a['count']:.0f}) | {b['us'] / 1e3:.2f} ({b['count']:.0f}) "
+                f"| {d / 1e3:+.2f} |"
+            )
+        out.append("")
+    return out
+
+
+def multi_gpu_table(records: list[dict]) -> list[str]:
+    multi = [r for r in records if r.get("group") == "multi"]
+    if not multi:
+        return []
+    ddp = next((r for r in multi if r["config"] == "LoRA + ddp"), None)
+    rows = [
+        f"Each strategy: `python experiments/benchmark/multi_gpu.py --strategy <ddp|fsdp|fsdp-split> --out OUT` "
+        f"on {multi[0].get('device', '?')} (torch {multi[0].get('torch')}, lightning {multi[0].get('lightning')}); "
+        f"LoRA injected by the callback at `setup`, before wrapping; precision bf16-true; "
+        f"{multi[0].get('per_gpu_batch')} tokens per GPU; 20 timed steps after 5. "
+        "*fsdp*: `auto_wrap_policy={LlamaDecoderLayer}`; *fsdp-split*: "
+        "`frozen_linear_policy({LlamaDecoderLayer})` from `multi_gpu.py` (frozen Linears in units of their own).",
+        "",
+        "| strategy | s/step (median; rank 0, rank 1) | × DDP | peak GiB per GPU (rank 0, rank 1) | saved adapter on 1 GPU vs sharded model (max abs diff of logits) | merged vs unmerged logits (rel.) | adapter vs DDP's (max rel.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in multi:
+        medians = ", ".join(_fmt_s(m) for m in r.get("medians_s", []))
+        peaks = ", ".join(f"{p:.2f}" for p in r.get("peaks_gib", []))
+        rows.append(
+            f"| {r['config'].removeprefix('LoRA + ')} | {medians} | {_fmt(_ratio(r, ddp), '.2f', '×')} | {peaks} "
+            f"| {_fmt(r.get('adapter_on_one_gpu_vs_sharded_logits_max_abs'), '.1e')} "
+            f"| {_fmt(r.get('merged_vs_unmerged_logits_rel'), '.1e')} | {_fmt(r.get('adapter_vs_ddp_adapter_rel_max'), '.1e')} |"
+        )
+    return rows
+
+
+def write_results(records: list[dict], info: dict, path: Path) -> None:
+    by = _by_config(records)
+    lines = [
+        "# Benchmark: LoRA training speed and memory (generated)",
+        "",
+        f"Generated by `experiments/benchmark/report.py` from one run of `{info.get('command', '?')}` on "
+        f"**{info.get('device', '?')}**, {info.get('date', '')}: torch {info.get('torch')}, CUDA {info.get('cuda')}, "
+        f"transformers {info.get('transformers')}, peft {info.get('peft')}, lightning {info.get('lightning')}.",
+        "",
+    ]
+    if "shape" in info:
+        lines += [_params_line(info["shape"]), ""]
+    lines += [
+        "Step = forward → fp32 cross-entropy → backward → optimizer step. Median over the timed steps "
+        "(CUDA events between step starts) after warm-up; peak = `torch.cuda.max_memory_allocated` over "
+        "the timed steps. *Compiled* = every decoder layer compiled in place plus the loss head, the same "
+        "for every configuration. The floor trains nothing but runs backward to the embeddings.",
+        "",
+        "## Training step",
+        "",
+        *training_table(by),
+        "",
+        "## Targets",
+        "",
+        *targets_table(by),
+        "",
+        "## Inference and merging",
+        "",
+        *inference_tables(by),
+        "",
+    ]
+    micro = micro_table(by)
+    if micro:
+        lines += ["## One adapted layer", "", *micro, ""]
+    profiles = profile_tables(by)
+    if profiles:
+        lines += ["## Where the time goes (torch.profiler)", "", *profiles]
+    multi = multi_gpu_table(records)
+    if multi:
+        lines += ["## Two GPUs: DDP vs FSDP (Lightning strategies, LoRACallback)", "", *multi, ""]
+    problems = [r for r in records if r.get("error")]
+    if problems:
+        lines += ["## Not measured", ""]
+        lines += [f"- {r['config']}: {r['error'].splitlines()[0][:300]}" for r in problems]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("records", nargs="+")
+    parser.add_argument("--machine", required=True)
+    parser.add_argument("--out", default="experiments/benchmark/RESULTS.md")
+    args = parser.parse_args()
+    records = [json.loads(line) for f in args.records for line in Path(f).read_text().splitlines() if line.strip()]
+    write_results(records, json.loads(Path(args.machine).read_text()), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
