@@ -197,6 +197,32 @@ def test_trainer_fits_tiny_classifier_with_one_param_group(
     assert 0.0 <= metrics["val/acc"] <= 1.0
 
 
+def test_head_lr_puts_the_head_in_its_own_group_that_lora_keeps(
+    small_data: DocstringDataModule, tmp_path: Path
+) -> None:
+    from lightning_lora import LoRACallback, lora_parameters
+
+    L.seed_everything(0)
+    model = TextClassifier(tiny_bert(), small_data.num_classes, lr=1e-3, head_lr=1e-2)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path,  # where the adapter is saved without a logger
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            LoRACallback(r=2, target_modules=["query", "value"], trainable_modules=["head"], merge_on_fit_end=False)
+        ],
+    )
+    trainer.fit(model, small_data)
+    encoder_group, head_group = trainer.optimizers[0].param_groups
+    assert [id(p) for p in encoder_group["params"]] == [id(p) for p in lora_parameters(model)]
+    assert [id(p) for p in head_group["params"]] == [id(p) for p in model.head.parameters()]
+    assert head_group["initial_lr"] == 1e-2 and encoder_group["initial_lr"] == 1e-3
+
+
 def test_frozen_encoder_stays_bit_identical_and_only_head_learns(
     small_data: DocstringDataModule,
 ) -> None:

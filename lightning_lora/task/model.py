@@ -51,7 +51,10 @@ class TextClassifier(L.LightningModule):
             (B, T, H); its ``config.hidden_size`` gives H.
         num_classes: number of labels C.
         lr: peak AdamW learning rate, reached after warm-up.
-        weight_decay: AdamW decoupled weight decay, applied to every parameter (one group).
+        head_lr: the new head's own peak learning rate (a second param group); ``None`` uses
+            ``lr``. A freshly initialised head wants a far larger step than pretrained weights
+            or LoRA adapters do.
+        weight_decay: AdamW decoupled weight decay, applied to every parameter.
         warmup_ratio: fraction of ``trainer.estimated_stepping_batches`` spent warming up.
         freeze_encoder: head-only baseline: the encoder gets ``requires_grad=False`` and stays in
             eval mode (no dropout) while training, so it acts as a fixed feature extractor. Do not
@@ -70,6 +73,7 @@ class TextClassifier(L.LightningModule):
         freeze_encoder: bool = False,
         class_names: list[str] | None = None,
         dropout: float = 0.1,
+        head_lr: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
@@ -132,10 +136,11 @@ class TextClassifier(L.LightningModule):
         self._evaluate(batch, "test", self.test_acc, self.test_f1)
 
     def configure_optimizers(self) -> dict:
-        """AdamW over all parameters in one group, with linear warm-up then linear decay per step.
+        """AdamW with linear warm-up then linear decay per step: one group over all parameters,
+        or, with ``head_lr``, the head in a second group at its own learning rate.
 
         Parameters with ``requires_grad=False`` are included on purpose: AdamW skips parameters
-        whose ``grad`` is None, and the LoRA callback expects one group it can prune.
+        whose ``grad`` is None, and the LoRA callback prunes the frozen ones itself.
         """
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
@@ -144,7 +149,15 @@ class TextClassifier(L.LightningModule):
                 "has none; set Trainer(max_steps=...) or Trainer(max_epochs=...)."
             )
         warmup = int(self.hparams.warmup_ratio * total)
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.head_lr is None:
+            groups = [{"params": list(self.parameters())}]
+        else:
+            head = {id(p) for p in self.head.parameters()}
+            groups = [
+                {"params": [p for p in self.parameters() if id(p) not in head]},
+                {"params": list(self.head.parameters()), "lr": self.hparams.head_lr},
+            ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         scheduler = LambdaLR(optimizer, warmup_linear_decay(warmup, int(total)))
         return {
             "optimizer": optimizer,
