@@ -28,12 +28,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .analysis import delta_stats, summary_metrics
 from .config import LoRAConfig
 from .distributed import is_sharded, merge_gathered, save_adapter_gathered
 from .errors import LoRAStateError
@@ -73,6 +75,9 @@ class LoRACallback(Callback):
             default: a checkpoint then holds the LoRA weights and ``trainable_modules`` (and the
             optimizer, scheduler and loop state), and resuming needs the base model built as
             before.
+        log_analysis: at the end of fit, log what the adapter learned (``analysis.delta_stats``):
+            mean effective rank and ‖ΔW‖/‖W‖ to every logger, and a per-weight table (singular
+            values, effective rank, relative norm) to Weights & Biases.
     """
 
     def __init__(
@@ -86,9 +91,11 @@ class LoRACallback(Callback):
         scheduler_interval: str = "step",
         adapter_name: str = "default",
         full_checkpoints: bool = False,
+        log_analysis: bool = False,
         **config_fields: Any,
     ) -> None:
         self.config = LoRAConfig.build(config, **config_fields)
+        self.log_analysis = log_analysis
         if lr_scheduler is not None and optimizer is None:
             raise LoRAStateError("LoRACallback(lr_scheduler=...) needs optimizer=... as well.")
         if scheduler_interval not in ("step", "epoch"):
@@ -261,9 +268,33 @@ class LoRACallback(Callback):
         directory = self.resolve_adapter_dir(trainer)
         save_adapter_gathered(trainer.strategy.model, pl_module, directory, self.adapter_name, trainer.is_global_zero)
         rank_zero_info(f"LoRA adapter saved to {directory}")
+        if self.log_analysis:
+            self._log_delta_analysis(trainer, pl_module)
         if self.merge_on_fit_end:
             merge_gathered(trainer.strategy.model, pl_module)
             self._merged_modules.add(id(pl_module))
+
+    def _log_delta_analysis(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_sharded(trainer.strategy.model):
+            rank_zero_warn("log_analysis skipped: the model is sharded; analyse the saved adapter instead.")
+            return
+        stats = delta_stats(pl_module, self.adapter_name)
+        columns = ["weight", "r", "effective_rank", "relative_norm", "delta_norm", "top_singular_values"]
+        rows = [
+            [
+                s.name,
+                s.r,
+                s.effective_rank,
+                s.relative_norm,
+                s.delta_norm,
+                str([round(v, 5) for v in s.singular_values[:8]]),
+            ]
+            for s in stats
+        ]
+        for logger in trainer.loggers:
+            logger.log_metrics(summary_metrics(stats), step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="lora/delta_stats", columns=columns, data=rows, step=trainer.global_step)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Nothing trained is lost: the adapter as it is now goes to ``<adapter_dir>/last``."""

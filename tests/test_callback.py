@@ -308,6 +308,17 @@ def test_stats_and_config_reach_every_logger(tmp_path):
         assert "r: 2" in (Path(logger.log_dir) / "hparams.yaml").read_text()
 
 
+def test_log_analysis_reports_what_the_adapter_learned(tmp_path):
+    module = MLP()
+    callback = LoRACallback(r=4, target_modules=["net.0", "net.2"], log_analysis=True)
+    run = trainer(tmp_path, [callback])
+    run.fit(module, loader())
+    rows = [r for r in csv_metrics(Path(run.logger.log_dir)) if r.get("lora_delta/effective_rank_mean")]
+    (row,) = rows
+    assert 1.0 <= float(row["lora_delta/effective_rank_mean"]) <= 4.0  # between 1 and r
+    assert 0.0 < float(row["lora_delta/relative_norm_max"]) < 1.0  # ΔW small next to W after 6 steps
+
+
 def test_flat_keywords_and_hydra_node_build_the_same_callback():
     node = {"_target_": "lightning_lora.LoRACallback", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
     from_hydra = instantiate(node)

@@ -86,6 +86,9 @@ def test_two_steps_with_the_default_wandb_logger_record_the_lora_figures(tmp_pat
     assert 0 < run.history["lora/trainable_ratio"] < 0.05
     assert run.config["lora"]["r"] == 8 and run.config["lora"]["target_modules"] == "all-linear"
     assert run.config["model"]["encoder"]["_target_"] == "lightning_lora.task.load_minilm"  # resolved Hydra config
+    assert 1.0 <= run.history["lora_delta/effective_rank_mean"] <= 8.0  # log_analysis is on in conf/lora
+    assert run.history["lora/delta_stats/_type"] == "table-file"  # the per-weight table:
+    assert run.history["lora/delta_stats/nrows"] == 36  # one row per adapted weight (6 layers × 6)
     figures = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert figures["perf/steps"] == 2 and figures["lora/adapter_bytes"] > 0
     assert (tmp_path / "lora_adapter" / "adapter_config.json").is_file()  # <WandbLogger.save_dir>/lora_adapter
