@@ -58,22 +58,25 @@ def effective_rank(singular_values: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def delta_stats(model: nn.Module, adapter_name: str = "default") -> list[DeltaStats]:
-    """One :class:`DeltaStats` per weight adapted by ``adapter_name``, in model order.
+def delta_singular_values(A: Tensor, B: Tensor, scaling: float = 1.0) -> Tensor:
+    """Singular values of ``ΔW = scaling · B A`` (``A: r × d_in``, ``B: d_out × r``), largest
+    first, without forming ``ΔW``: with ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (QR, orthonormal
+    ``Q``), ``ΔW = Q_b (R_b R_aᵀ) Q_aᵀ`` has the spectrum of the small ``r × r`` core."""
+    _, r_b = torch.linalg.qr(B.detach().float() * scaling)
+    _, r_a = torch.linalg.qr(A.detach().float().T)
+    return torch.linalg.svdvals(r_b @ r_a.T)
 
-    ``ΔW`` is formed in float32 from the low-rank factors: the SVD of ``B A`` equals that of the
-    small ``(r × r)`` core after QR of ``B`` and ``Aᵀ``, so this stays cheap for large weights.
-    """
+
+def delta_stats(model: nn.Module, adapter_name: str = "default") -> list[DeltaStats]:
+    """One :class:`DeltaStats` per weight adapted by ``adapter_name``, in model order."""
     out = []
     for target in lora_layers(model):
         layer = target.layer
         if adapter_name not in layer.lora_A:
             continue
-        A = layer.lora_A[adapter_name].detach().float()
-        B = layer.lora_B[adapter_name].detach().float() * layer.scaling[adapter_name]
-        _, r_b = torch.linalg.qr(B)  # B = Q_b R_b, Q_b orthonormal: ΔW keeps R_b R_aᵀ's spectrum
-        _, r_a = torch.linalg.qr(A.T)  # Aᵀ = Q_a R_a
-        sigma = torch.linalg.svdvals(r_b @ r_a.T)  # ΔW = Q_b (R_b R_aᵀ) Q_aᵀ
+        sigma = delta_singular_values(
+            layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.scaling[adapter_name]
+        )
         weight = layer.region(target.weight).detach().float()
         out.append(
             DeltaStats(
