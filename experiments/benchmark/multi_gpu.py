@@ -14,8 +14,9 @@ One strategy per invocation (Lightning's launcher re-executes this command for r
   (see ``lightning_lora.distributed`` for why that mixing costs).
 
 LoRA is injected by ``LoRACallback`` at ``setup``, before the strategy wraps the model. At the
-end of ``fit`` a subclass of the callback saves the adapter through ``save_adapter_gathered``
-(full parameters gathered, bare module names) and merges through ``merge_gathered``. Rank 0
+end of ``fit`` the callback saves the adapter through ``save_adapter_gathered`` (full parameters
+gathered, bare module names) and merges through ``merge_gathered`` (a thin subclass only probes
+the model's outputs before and after). Rank 0
 then loads the saved adapter into a fresh single-GPU copy of the model and compares its logits
 with the ones the sharded model produced; later strategies also compare their adapter with the
 DDP one. Each run appends one record to ``<out>/multi.jsonl``.
@@ -40,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_lora import LoRACallback, load_adapter
-from lightning_lora.distributed import is_sharded, merge_gathered, save_adapter_gathered
+from lightning_lora.distributed import is_sharded
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = {"layers": 16, "hidden": 2048, "intermediate": 5632, "heads": 16, "vocab": 32000, "batch": 8, "seq": 1024}
@@ -154,11 +155,10 @@ class StepTimer(L.Callback):
         self.all_peaks = gathered[:, 1].tolist()
 
 
-class GatheringLoRACallback(LoRACallback):
-    """LoRACallback whose fit end works when a strategy shards the model: every rank joins the
-    gather, rank 0 writes the adapter, every rank merges into its shards. (What the callback's
-    own ``on_fit_end`` should call; see lightning_lora.distributed.) For the check, it also runs
-    the eval batch through the strategy's model before saving and after merging."""
+class ProbingLoRACallback(LoRACallback):
+    """The shipped LoRACallback (its fit end gathers the adapter, rank 0 writes it, every rank
+    merges into its shards), plus, for the check, the eval batch through the strategy's model
+    before saving and after merging."""
 
     def __init__(self, probe_ids: torch.Tensor, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -175,11 +175,9 @@ class GatheringLoRACallback(LoRACallback):
             self.probes[key] = model(self.probe_ids.to(trainer.strategy.root_device)).float().cpu()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        root = trainer.strategy.model
         self._probe(trainer, pl_module, "sharded")
-        save_adapter_gathered(root, pl_module, Path(self.adapter_dir), self.adapter_name, trainer.is_global_zero)
+        super().on_fit_end(trainer, pl_module)
         if self.merge_on_fit_end:
-            merge_gathered(root, pl_module)
             self._probe(trainer, pl_module, "merged")
 
 
@@ -226,7 +224,7 @@ def main() -> None:
     adapter_dir = Path(args.work) / args.strategy
     module = LitLM(shape, device)
     timer = StepTimer(args.warmup, args.steps)
-    lora = GatheringLoRACallback(
+    lora = ProbingLoRACallback(
         eval_ids(shape, device), r=16, alpha=32, target_modules=TARGETS, adapter_dir=str(adapter_dir)
     )
     total = args.warmup + args.steps + 1
