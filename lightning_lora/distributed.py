@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -164,3 +165,22 @@ def merge_gathered(root: nn.Module, model: nn.Module, adapter_names: str | Itera
     with full_parameters(root, writeback=True):
         merge_lora(unwrapped_view(model), adapter_names)
     return False
+
+
+def frozen_linear_policy(block_types: Iterable[type[nn.Module]]) -> Any:
+    """An FSDP (1) auto-wrap policy: a unit per block of ``block_types`` and one per frozen
+    ``nn.Linear`` (the base layers inside LoRA layers), so no flat parameter mixes frozen weights
+    with adapters and autograd computes no gradient for frozen weights. Measured slower than
+    plain per-block units on 2×H200 (one all-gather per Linear, and the LoRA layers lose their
+    fast path: ``experiments/benchmark/RESULTS.md``); it can still pay when memory, not time, is
+    short. Use with ``FSDPStrategy(auto_wrap_policy=frozen_linear_policy({MyBlock}))``."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    blocks = tuple(block_types)
+
+    def wrap(module: nn.Module) -> bool:
+        if isinstance(module, blocks):
+            return True
+        return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
+
+    return CustomPolicy(wrap)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_lora import LoRACallback, inject_lora, lora_parameters
-from lightning_lora.distributed import merge_gathered, save_adapter_gathered
+from lightning_lora.distributed import frozen_linear_policy, merge_gathered, save_adapter_gathered
 from lightning_lora.io import adapter_tensors
 
 STEPS, GLOBAL_BATCH = 4, 16
@@ -151,21 +151,6 @@ class Net(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
-
-
-def frozen_linear_policy(block_types):
-    """FSDP1 policy: a unit per block and one per frozen ``nn.Linear`` (the base layers inside
-    LoRA layers), so no flat parameter mixes frozen weight matrices with adapters."""
-    from torch.distributed.fsdp.wrap import CustomPolicy
-
-    blocks = tuple(block_types)
-
-    def wrap(module: nn.Module) -> bool:
-        if isinstance(module, blocks):
-            return True
-        return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
-
-    return CustomPolicy(wrap)
 
 
 def _fsdp_round(rank: int, out: Path, policy_name: str) -> dict:

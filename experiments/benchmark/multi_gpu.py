@@ -35,13 +35,12 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_lora import LoRACallback, load_adapter
-from lightning_lora.distributed import is_sharded
+from lightning_lora.distributed import frozen_linear_policy, is_sharded
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = {"layers": 16, "hidden": 2048, "intermediate": 5632, "heads": 16, "vocab": 32000, "batch": 8, "seq": 1024}
@@ -179,21 +178,6 @@ class ProbingLoRACallback(LoRACallback):
         super().on_fit_end(trainer, pl_module)
         if self.merge_on_fit_end:
             self._probe(trainer, pl_module, "merged")
-
-
-def frozen_linear_policy(block_types):
-    """FSDP1 policy: a unit per block and one per frozen ``nn.Linear`` (the base layers inside
-    LoRA layers), so no flat parameter mixes frozen weight matrices with adapters."""
-    from torch.distributed.fsdp.wrap import CustomPolicy
-
-    blocks = tuple(block_types)
-
-    def wrap(module: nn.Module) -> bool:
-        if isinstance(module, blocks):
-            return True
-        return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
-
-    return CustomPolicy(wrap)
 
 
 def make_strategy(name: str, cuda: bool):

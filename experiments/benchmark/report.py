@@ -236,7 +236,7 @@ def multi_gpu_table(records: list[dict]) -> list[str]:
         f"LoRA injected by the callback at `setup`, before wrapping; precision bf16-true; "
         f"{multi[0].get('per_gpu_batch')} tokens per GPU; 20 timed steps after 5. "
         "*fsdp*: `auto_wrap_policy={LlamaDecoderLayer}`; *fsdp-split*: "
-        "`frozen_linear_policy({LlamaDecoderLayer})` from `multi_gpu.py` (frozen Linears in units of their own).",
+        "`lightning_lora.distributed.frozen_linear_policy({LlamaDecoderLayer})` (frozen Linears in units of their own).",
         "",
         "| strategy | s/step (median; rank 0, rank 1) | × DDP | peak GiB per GPU (rank 0, rank 1) | saved adapter on 1 GPU vs sharded model (max abs diff of logits) | merged vs unmerged logits (rel.) | adapter vs DDP's (max rel.) |",
         "|---|---|---|---|---|---|---|",
