@@ -8,7 +8,7 @@ only what the jobs wrote (each job's ``metrics.json`` and ``lora_adapter/``), so
 
 * ``results.md`` / ``results.json``: per method, mean ± std over seeds of validation accuracy and
   macro-F1, trainable parameters (count and %), adapter bytes, the mean effective rank of ΔW,
-  median step time, fit and job time; the sweep's wall time; the subspace similarities;
+  median step time, peak memory (the largest over seeds), fit and job time; the sweep's wall time; the subspace similarities;
 * ``accuracy_vs_rank.png``, ``params_vs_rank.png``, ``subspace_r8_r64.png``.
 """
 
@@ -93,6 +93,7 @@ def summarise(jobs: list[dict]) -> list[dict]:
                 "adapter_bytes": first.get("lora/adapter_bytes"),
                 "effective_rank": statistics.fmean(eff) if eff else None,
                 "step_s": statistics.median(j["m"]["perf/step_time_median_s"] for j in group),
+                "peak_mb": max(j["m"]["perf/peak_memory_mb"] for j in group),
                 "fit_s": statistics.fmean(j["m"]["perf/fit_wall_s"] for j in group),
                 "job_s": statistics.fmean(j["m"]["perf/job_wall_s"] for j in group),
             }
@@ -176,25 +177,28 @@ def write_results(sweep: Path, jobs: list[dict], rows: list[dict], similar: tupl
         f"Sweep `{where(sweep)}`: {len(jobs)} jobs, wall time {wall:.1f} min (first job start to last job end).",
         "",
         "| method | seeds | val accuracy % | val macro-F1 % | trainable params | trainable % | adapter bytes "
-        "| effective rank of ΔW | median step s | fit s | job s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| effective rank of ΔW | median step s | peak RSS MB | fit s | job s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         size = f"{int(row['adapter_bytes']):,}" if row["adapter_bytes"] else "—"
         eff = f"{row['effective_rank']:.2f}" if row["effective_rank"] is not None else "—"
         lines.append(
             f"| {row['label']} | {row['seeds']} | {fmt_pm(row['acc'])} | {fmt_pm(row['f1'])} | {int(row['trainable']):,} "
-            f"| {100 * row['ratio']:.3f} | {size} | {eff} | {row['step_s']:.3f} | {row['fit_s']:.1f} | {row['job_s']:.1f} |"
+            f"| {100 * row['ratio']:.3f} | {size} | {eff} | {row['step_s']:.3f} | {row['peak_mb']:,.0f} | {row['fit_s']:.1f} | {row['job_s']:.1f} |"
         )
     summary = {"jobs": len(jobs), "wall_min": wall, "rows": rows}
     block, d_in, grids = similar
     if grids:
         lines += ["", f"Subspace similarity φ between the r=8 and r=64 adapters (seed 0) of `{block}`:", ""]
-        lines += ["| projection | φ(1, 1) | φ(8, 8) | φ(8, 64) | chance φ(8, 8) = 8/d_in | chance φ(8, 64) = 64/d_in |"]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += [
+            "| projection | φ(1, 1) | φ(8, 8) | φ(8, 64) | chance φ(1, 1) = 1/d_in | chance φ(8, 8) = 8/d_in "
+            "| chance φ(8, 64) = 64/d_in |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
         for proj, grid in grids.items():
             lines.append(
-                f"| {proj} | {grid[0, 0]:.3f} | {grid[7, 7]:.3f} | {grid[7, -1]:.3f} | {8 / d_in:.3f} "
+                f"| {proj} | {grid[0, 0]:.3f} | {grid[7, 7]:.3f} | {grid[7, -1]:.3f} | {1 / d_in:.4f} | {8 / d_in:.3f} "
                 f"| {min(1.0, grid.shape[1] / d_in):.3f} |"
             )
             summary[f"phi_{proj}"] = {"1_1": float(grid[0, 0]), "8_8": float(grid[7, 7]), "8_64": float(grid[7, -1])}
