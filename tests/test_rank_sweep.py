@@ -34,3 +34,13 @@ def test_rank_sweep_outputs_become_the_study_table_and_plots(tmp_path):
     assert 0.0 <= summary["phi_query"]["8_8"] <= 1.0
     for plot in ("accuracy_vs_rank.png", "params_vs_rank.png", "subspace_r8_r64.png"):
         assert (out / plot).stat().st_size > 10_000
+
+    # the study README's headline block is generated from the same results.json
+    (out / "README.md").write_text("# study\n<!-- headline:start -->\nstale\n<!-- headline:end -->\nend\n")
+    headline = [sys.executable, str(REPO / "experiments" / "rank_sweep" / "headline.py"), "--dir", str(out)]
+    result = subprocess.run(headline, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    readme = (out / "README.md").read_text()
+    assert "stale" not in readme and readme.endswith("<!-- headline:end -->\nend\n")
+    r8 = f"| LoRA r=8 | {100 * rows['lora_r8']['acc'][0]:.1f} ± 0.0 | — | — |"
+    assert r8 in readme

@@ -53,6 +53,25 @@ def test_bad_value_fails_at_construction_naming_the_field():
         instantiate(composed("lora.r=0").lora)
 
 
+@pytest.mark.parametrize(("experiment", "jobs"), [("rank_sweep", 27), ("rank_sweep_long", 27), ("alpha_sweep", 21)])
+def test_every_job_of_a_sweep_experiment_composes_to_what_it_names(experiment, jobs):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        sweep = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = {key: str(values).split(",") for key, values in sweep.hydra.sweeper.params.items()}
+    assert params["seed"] == ["0", "1", "2"]
+    assert len(params["seed"]) * max(len(v) for k, v in params.items() if k != "seed") == jobs
+    (key,) = set(params) - {"seed"}
+    for value in params[key]:
+        job = composed(f"experiment={experiment}", f"{key}={value}", "seed=1")
+        assert job.task_name == experiment and job.seed == 1 and job.test is False
+        if key == "lora.alpha":
+            assert (job.lora.r, job.lora.alpha) == (8, float(value))
+        elif value.startswith("lora_r"):
+            assert job.lora.r == int(value.removeprefix("lora_r"))
+        else:
+            assert "lora" not in job and value in ("head_only", "full_finetune")
+
+
 def test_baseline_methods_drop_lora_and_rank_methods_set_r():
     head_only = composed("method=head_only")
     assert "lora" not in head_only and head_only.model.freeze_encoder is True
