@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # experiments/sweeps.py
+from sweeps import fmt_pm  # noqa: E402
+
 SWEEPS = {  # column title → folder of its results.json, under --dir
     "60 steps, all linear": ".",
     "3 epochs, all linear": "long",
@@ -31,7 +35,7 @@ def load(folder: Path) -> dict:
 
 
 def cell(row: dict | None) -> str:
-    return f"{100 * row['acc'][0]:.1f} ± {100 * row['acc'][1]:.1f}" if row else "—"
+    return fmt_pm(row["acc"]) if row else "—"
 
 
 def table(results: dict[str, dict]) -> str:
