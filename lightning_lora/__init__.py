@@ -7,24 +7,17 @@ importing Lightning (seconds at every start).
 
 __version__ = "0.1.0"
 
-from .adapters import active_adapters, combine_adapters, delete_adapter, disable_adapters, load_adapter
-from .config import LoRAConfig
+from .adapters import active_adapters, adapter_names, combine_adapters, delete_adapter, disable_adapters, set_adapter
+from .config import AdapterSpec, LoRAConfig
 from .errors import AdapterFileError, LoRAConfigError, LoRAError, LoRAStateError, LoRATargetError
-from .inject import (
-    adapter_names,
-    inject_lora,
-    lora_config,
-    lora_layers,
-    lora_parameters,
-    lora_state_dict,
-    mark_only_lora_as_trainable,
-    merge_lora,
-    set_adapter,
-    unload_lora,
-    unmerge_lora,
-)
+from .inject import inject_lora, unload_lora
 from .io import read_adapter, save_adapter
 from .layers import LoRALayer, LoRALinear, LoRAParametrization
+from .load import load_adapter
+from .merge import merge_lora, unmerge_lora
+from .params import lora_parameters, lora_state_dict, mark_only_lora_as_trainable
+from .state import adapted_weights, lora_config
+from .state import lora_layers as lora_layers  # the name before adapted_weights; kept for old code
 from .stats import ParameterStats, parameter_stats
 
 
@@ -38,6 +31,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AdapterFileError",
+    "AdapterSpec",
     "LoRACallback",
     "LoRAConfig",
     "LoRAConfigError",
@@ -49,6 +43,7 @@ __all__ = [
     "LoRATargetError",
     "ParameterStats",
     "active_adapters",
+    "adapted_weights",
     "adapter_names",
     "combine_adapters",
     "delete_adapter",
@@ -56,7 +51,6 @@ __all__ = [
     "inject_lora",
     "load_adapter",
     "lora_config",
-    "lora_layers",
     "lora_parameters",
     "lora_state_dict",
     "mark_only_lora_as_trainable",

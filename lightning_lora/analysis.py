@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .inject import lora_layers
+from .state import adapted_weights
 
 
 @dataclass(frozen=True)
@@ -70,18 +70,16 @@ def delta_singular_values(A: Tensor, B: Tensor, scaling: float = 1.0) -> Tensor:
 def delta_stats(model: nn.Module, adapter_name: str = "default") -> list[DeltaStats]:
     """One :class:`DeltaStats` per weight adapted by ``adapter_name``, in model order."""
     out = []
-    for target in lora_layers(model):
+    for target in adapted_weights(model):
         layer = target.layer
         if adapter_name not in layer.lora_A:
             continue
-        sigma = delta_singular_values(
-            layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.scaling[adapter_name]
-        )
+        sigma = delta_singular_values(*layer.update(adapter_name))
         weight = layer.region(target.weight).detach().float()
         out.append(
             DeltaStats(
                 name=target.name,
-                r=layer.r[adapter_name],
+                r=layer.specs[adapter_name].r,
                 singular_values=sigma.tolist(),
                 effective_rank=effective_rank(sigma),
                 delta_norm=float(sigma.norm()),

@@ -35,22 +35,17 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .adapters import adapter_names
 from .analysis import delta_stats, summary_metrics
 from .config import LoRAConfig
 from .distributed import is_sharded, merge_gathered, save_adapter_gathered
 from .errors import LoRAStateError
-from .inject import (
-    adapter_names,
-    has_lora,
-    inject_lora,
-    lora_config,
-    lora_state_dict,
-    mark_only_lora_as_trainable,
-)
+from .inject import inject_lora
 from .io import save_adapter
+from .names import CHECKPOINT_KEY
+from .params import lora_state_dict, mark_only_lora_as_trainable
+from .state import has_lora, lora_config
 from .stats import ParameterStats, parameter_stats
-
-CHECKPOINT_KEY = "lightning_lora"  # marks a checkpoint written with this callback; what it holds
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]

@@ -5,10 +5,8 @@
     lightning-lora inspect ADAPTER_DIR
     lightning-lora merge --base BASE --adapter ADAPTER_DIR --output OUT [--prefix PREFIX] [--force]
 
-``merge`` needs no model class: it adds ``ΔW = (alpha/r) · B A`` to the base tensors directly,
-key by key (``base_model.model.<module>.lora_A.weight`` → ``<prefix><module>.weight``; a block
-``<mha>.in_proj_weight[q]`` of a fused attention projection → rows ``0:E`` of
-``<prefix><mha>.in_proj_weight``). Exit status: 0 on success, 1 when a file is refused, 2 for a
+``merge`` needs no model class: it adds ``ΔW = (alpha/r) · B A`` to the base tensors directly
+(:mod:`lightning_lora.export`). Exit status: 0 on success, 1 when a file is refused, 2 for a
 usage error. Files are read without pickle (safetensors, or ``torch.load(weights_only=True)``).
 """
 
@@ -19,26 +17,15 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch import Tensor
-
-from .errors import AdapterFileError, LoRAError
-from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFile, atomic_write, read_adapter
-from .targets import owner_of
-
-PROG = "lightning-lora"
-_LIGHTNING_DROPPED = ("optimizer_states", "lr_schedulers", "lightning_lora")
-
-
-class UsageError(Exception):
-    """Bad arguments: exit status 2, with the usage line."""
-
+from .errors import LoRAError
+from .export import PROG, UsageError, as_adapter_dir, merge_files
+from .io import read_adapter
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .tables import natural_key, render_table, repeated_block
 
 # ----------------------------------------------------------------------------------- inspect
 
@@ -46,7 +33,7 @@ class UsageError(Exception):
 def inspect_adapter(path: str | os.PathLike) -> str:
     """A report on adapter directory ``path``: config, targets, rank, parameters, bytes, and
     ``‖ΔW‖_F`` of every adapted weight (computed from two ``r × r`` products, never ΔW)."""
-    adapter = read_adapter(_adapter_dir(path))
+    adapter = read_adapter(as_adapter_dir(path))
     config, extras = adapter.config, adapter.extras
     made_by = f"lightning-lora {extras['version']}" if "version" in extras else "PEFT (or another writer)"
     scale = "alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r"
@@ -66,7 +53,7 @@ def inspect_adapter(path: str | os.PathLike) -> str:
         "",
     ]
     rows = [("weight", "shape", "r", "scale", "params", "dtype", "‖ΔW‖_F")]
-    for name, (A, B) in sorted(adapter.pairs.items(), key=lambda kv: _natural(kv[0])):
+    for name, (A, B) in sorted(adapter.pairs.items(), key=lambda kv: natural_key(kv[0])):
         rows.append(
             (
                 name,
@@ -78,12 +65,7 @@ def inspect_adapter(path: str | os.PathLike) -> str:
                 f"{adapter.delta_norm(name):.6g}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        lines.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        )
-    return "\n".join(lines)
+    return "\n".join(lines + render_table(rows))
 
 
 def _grouped(names: Any) -> str:
@@ -92,169 +74,9 @@ def _grouped(names: Any) -> str:
         return names
     groups: dict[str, int] = {}
     for name in names:
-        key = re.sub(r"\.\d+\.", ".*.", name)
+        key = repeated_block(name)
         groups[key] = groups.get(key, 0) + 1
     return ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in groups.items()) or "[]"
-
-
-def _natural(name: str) -> list[Any]:
-    """Sort key that puts layer.2 before layer.10."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def _adapter_dir(path: str | os.PathLike) -> Path:
-    """An adapter directory, also when given one of its two files."""
-    path = Path(path)
-    return path.parent if path.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) else path
-
-
-# ------------------------------------------------------------------------------------- merge
-
-
-def merge_into_state_dict(
-    state_dict: Mapping[str, Tensor], adapter: AdapterFile, prefix: str = ""
-) -> dict[str, Tensor]:
-    """A copy of ``state_dict`` with every adapted weight ``W ← W + ΔW`` (computed in float32,
-    cast once to W's dtype) and the adapter's trainable-module tensors in place of the base's.
-
-    Every tensor is checked before anything is returned: a key the state dict lacks, a shape
-    that does not fit, or a merged weight with NaN/Inf is an :class:`AdapterFileError` naming it.
-    """
-    merged = dict(state_dict)
-    for name in sorted(adapter.pairs, key=_natural):
-        key, rows = _weight_key(name, prefix)
-        if key not in merged:
-            raise AdapterFileError(_missing_key_message(key, name, merged, prefix))
-        weight = merged[key]
-        region = weight if rows is None else weight[rows * weight.shape[0] // 3 : (rows + 1) * weight.shape[0] // 3]
-        delta = adapter.delta_weight(name)
-        if tuple(region.shape) != tuple(delta.shape):
-            raise AdapterFileError(
-                f"adapter weight {name!r} makes a ΔW of shape {tuple(delta.shape)}, but {key!r} in the base "
-                f"{'has rows of' if rows is not None else 'has'} shape {tuple(region.shape)}; the adapter was "
-                f"trained on another base model."
-            )
-        new_region = (region.float() + delta).to(weight.dtype)
-        if not torch.isfinite(new_region).all():
-            raise AdapterFileError(
-                f"merging {name!r} into {key!r} gives NaN or Inf in {weight.dtype}; nothing was written. "
-                f"Check the adapter with `{PROG} inspect`."
-            )
-        if rows is None:
-            merged[key] = new_region
-        else:
-            third = weight.shape[0] // 3
-            merged[key] = torch.cat([weight[: rows * third], new_region, weight[(rows + 1) * third :]])
-    for key, tensor in adapter.trainable.items():
-        full = prefix + key
-        if full not in merged:
-            raise AdapterFileError(_missing_key_message(full, key, merged, prefix))
-        if tuple(merged[full].shape) != tuple(tensor.shape):
-            raise AdapterFileError(
-                f"trainable-module tensor {key!r} has shape {tuple(tensor.shape)} in the adapter and "
-                f"{tuple(merged[full].shape)} in the base."
-            )
-        merged[full] = tensor.to(merged[full].dtype)
-    return merged
-
-
-def _weight_key(name: str, prefix: str) -> tuple[str, int | None]:
-    """State-dict key of an adapted weight, and which third of its rows (q, k, v) for a block
-    of a fused ``in_proj_weight``."""
-    owner, label = owner_of(name)
-    if label is None:
-        return f"{prefix}{name}.weight", None
-    if name.endswith("]"):
-        return f"{prefix}{owner}.in_proj_weight", "qkv".index(label)
-    return f"{prefix}{name}", None
-
-
-def _missing_key_message(key: str, name: str, state: Mapping[str, Tensor], prefix: str) -> str:
-    hint = ""
-    suffix = key.removeprefix(prefix)
-    found = sorted(k for k in state if k.endswith("." + suffix))
-    if found:
-        hint = f" The base has {found[0]!r}: pass --prefix {found[0].removesuffix(suffix)!r}."
-    elif prefix and suffix in state:
-        hint = " The base has it without a prefix: drop --prefix."
-    else:
-        close = difflib.get_close_matches(key, list(state), n=1)
-        hint = f" Closest key in the base: {close[0]!r}." if close else ""
-    return f"the base has no tensor {key!r} for adapter weight {name!r}.{hint}"
-
-
-def detect_prefix(state_dict: Mapping[str, Tensor], adapter: AdapterFile) -> str:
-    """The prefix under which the adapted model sits in ``state_dict`` ("" or e.g. ``"model."``
-    for a LightningModule attribute): the one that gives every adapted weight a key."""
-    keys = [_weight_key(name, "")[0] for name in adapter.pairs]
-    candidates = {k[: -len(keys[0])] for k in state_dict if k == keys[0] or k.endswith("." + keys[0])}
-    fitting = sorted(p for p in candidates if all(p + k in state_dict for k in keys))
-    if len(fitting) == 1:
-        return fitting[0]
-    if len(fitting) > 1:
-        raise UsageError(f"the adapter fits the base under several prefixes {fitting}; choose one with --prefix.")
-    return ""  # merge_into_state_dict names the first missing key, with a hint
-
-
-def read_base(path: Path) -> tuple[str, dict[str, Any]]:
-    """``("safetensors" | "lightning" | "torch", contents)`` of a base file, read without pickle."""
-    if not path.is_file():
-        raise AdapterFileError(f"base checkpoint {str(path)!r} does not exist.")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return "safetensors", {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, "metadata": f.metadata()}  # noqa: SIM118
-        except (SafetensorError, OSError) as err:
-            raise AdapterFileError(f"{path} is not a readable safetensors file ({err}).") from None
-    try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError, RuntimeError, EOFError...: all mean "not loadable safely"
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-        m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        detail = (m.group(1) if m else text.strip().split("\n")[0] or type(err).__name__).split(". ")[0].strip()[:160]
-        raise AdapterFileError(
-            f"{path} cannot be read with torch.load(weights_only=True) ({detail}): it is not a torch file, or it "
-            f"holds pickled Python objects besides tensors. lightning-lora never unpickles arbitrary objects; "
-            f"re-save the base as a state dict of tensors (or as safetensors)."
-        ) from None
-    if isinstance(contents, dict) and isinstance(contents.get("state_dict"), Mapping):
-        return "lightning", contents
-    if isinstance(contents, dict) and contents and all(isinstance(v, Tensor) for v in contents.values()):
-        return "torch", {"state_dict": contents}
-    raise AdapterFileError(f"{path} holds neither a state dict of tensors nor a Lightning checkpoint ('state_dict').")
-
-
-def merge_files(base: Path, adapter_dir: Path, output: Path, prefix: str | None, force: bool) -> str:
-    """Merge the adapter into the base file and write ``output`` atomically; returns a summary."""
-    if output.exists() and not force:
-        raise UsageError(f"{output} already exists; pass --force to overwrite it.")
-    kind, contents = read_base(base)
-    if (output.suffix == ".safetensors") != (kind == "safetensors"):
-        raise UsageError(
-            f"--output {output.name!r} must be of the base's kind ({'a .safetensors file' if kind == 'safetensors' else 'a torch file such as .ckpt or .pt'})."
-        )
-    state = contents["state_dict"]
-    lora_keys = [k for k in state if ".lora_A." in k or ".lora_B." in k]
-    if lora_keys or (contents.get("lightning_lora") or {}).get("adapter_only"):
-        raise AdapterFileError(
-            f"{base} is a checkpoint of a LoRA-adapted model (e.g. {lora_keys[:1] or 'adapter-only'}), not a "
-            f"base: merge the adapter into the base model's own checkpoint."
-        )
-    adapter = read_adapter(_adapter_dir(adapter_dir))
-    prefix = detect_prefix(state, adapter) if prefix is None else prefix
-    merged = merge_into_state_dict(state, adapter, prefix)
-    if kind == "safetensors":
-        tensors = {k: v.contiguous() for k, v in merged.items()}
-        atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata=contents.get("metadata")))
-    else:
-        payload: dict[str, Any] = merged
-        if kind == "lightning":
-            payload = {k: v for k, v in contents.items() if k not in _LIGHTNING_DROPPED}
-            payload["state_dict"] = merged
-        atomic_write(output, lambda tmp: torch.save(payload, tmp))
-    extra = f" and {len(adapter.trainable)} trainable-module tensor(s)" if adapter.trainable else ""
-    where = f" under prefix {prefix!r}" if prefix else ""
-    return f"merged {len(adapter.pairs)} weight(s){extra} of {adapter.path} into {base}{where} -> {output} ({output.stat().st_size:,} bytes)"
 
 
 # -------------------------------------------------------------------------------------- main

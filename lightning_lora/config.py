@@ -9,6 +9,7 @@ long before a model is touched.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +21,33 @@ ALL_LINEAR = "all-linear"
 INITS = ("zeros_b", "gaussian")
 MHA_PROJECTIONS = ("q", "k", "v")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on ``B A``: ``alpha / r`` (Hu et al. 2021, §4.1), or ``alpha / sqrt(r)`` with
+    rank-stabilised LoRA (Kalajdzievski 2023). The one place this formula is written: layers,
+    files and reports keep ``alpha`` and ``r`` and call this, so nothing inverts it."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter's hyper-parameters in one layer: what its math needs, nothing else.
+
+    A layer keeps one per adapter name. It differs from the model-wide :class:`LoRAConfig`
+    where a file gives one weight its own rank or alpha (PEFT's ``rank_pattern`` /
+    ``alpha_pattern``), and for combined adapters (rank ``Σrᵢ``, ``alpha = r``: scale 1)."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    init: str = "zeros_b"
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        """The factor on ``B A`` (:func:`lora_scale`)."""
+        return lora_scale(self.alpha, self.r, self.use_rslora)
 
 
 @dataclass
@@ -91,7 +119,12 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         """The factor on ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+        return lora_scale(self.alpha, self.r, self.use_rslora)
+
+    @property
+    def spec(self) -> AdapterSpec:
+        """The per-layer hyper-parameters this config gives every adapted weight."""
+        return AdapterSpec(self.r, self.alpha, self.dropout, self.init, self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (lists, not tuples), e.g. for loggers and adapter files."""

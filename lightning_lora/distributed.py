@@ -37,12 +37,15 @@ import torch
 from torch import nn
 
 from .errors import LoRAStateError
-from .inject import _STATE_ATTR, merge_lora, unload_lora
+from .inject import unload_lora
 from .io import save_adapter
 from .layers import LoRALayer
+from .merge import merge_lora
+from .state import STATE_ATTR
 
 # Attribute names under which wrappers keep the module they wrap: FSDP, activation
-# checkpointing, torch.compile's OptimizedModule. DDP keeps it as ``module``.
+# checkpointing, torch.compile's OptimizedModule (private names, checked against torch 2.13).
+# DDP keeps it as ``module``.
 WRAPPED_CHILD = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
@@ -75,7 +78,9 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 class _View(nn.Module):
     """A container in :func:`unwrapped_view`: holds children, parameters and buffers of the
-    module it mirrors, by reference. It has no ``forward``; it exists to be named and read."""
+    module it mirrors, by reference. It has no ``forward``; it exists to be named and read.
+    Filled through ``_parameters`` / ``_buffers`` / ``_modules`` (torch 2.13), because the public
+    ``register_*`` methods would refuse FSDP's flat-parameter views and shared children."""
 
 
 def unwrapped_view(model: nn.Module) -> nn.Module:
@@ -95,8 +100,8 @@ def unwrapped_view(model: nn.Module) -> nn.Module:
     for name, child in model._modules.items():
         if child is not None:
             view._modules[name] = unwrapped_view(child)
-    if _STATE_ATTR in model.__dict__:
-        view.__dict__[_STATE_ATTR] = model.__dict__[_STATE_ATTR]
+    if STATE_ATTR in model.__dict__:
+        view.__dict__[STATE_ATTR] = model.__dict__[STATE_ATTR]
     return view
 
 

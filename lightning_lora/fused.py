@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 FAST_PATH_MODES = ("auto", "always", "never")
 _mode = "auto"
@@ -70,6 +70,22 @@ def fast_path_wanted() -> bool:
     if _mode == "never":
         return False
     return _mode == "always" or not torch.compiler.is_compiling()
+
+
+def fits(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """The fast path computes ``x Wᵀ + b`` itself, so the base must be a plain, frozen,
+    hook-free ``nn.Linear`` (a subclass or a wrapper such as FSDP's keeps its own forward), and
+    every tensor must share one dtype outside autocast."""
+    # A module's own hooks live in ``_forward_hooks`` / ``_forward_pre_hooks`` (torch 2.13); the
+    # fast path would skip them, so a hooked base takes the reference path.
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    W, b = base.weight, base.bias
+    if W.requires_grad or (b is not None and b.requires_grad):
+        return False
+    if not (x.dtype == W.dtype == A.dtype == B.dtype):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
 
 
 class LoRALinearFunction(torch.autograd.Function):

@@ -37,7 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused
+from .config import AdapterSpec
 from .errors import LoRAStateError
+
+Update = tuple[Tensor, Tensor, float]
+"""One adapter's ``(A (r, d_in), B (d_out, r), scale)``: what ΔW is made of."""
 
 
 def init_lora_(A: Tensor, B: Tensor, init: str) -> None:
@@ -61,13 +65,49 @@ def init_lora_(A: Tensor, B: Tensor, init: str) -> None:
         B.copy_(b)
 
 
+def delta_weight(A: Tensor, B: Tensor, scale: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``ΔW = scale · B A``, ``(d_out, d_in)``, computed in ``dtype``."""
+    return (B.to(dtype) @ A.to(dtype)) * scale
+
+
+@torch.no_grad()
+def merged_block(block: Tensor, updates: Iterable[Update], sign: float = 1.0) -> Tensor:
+    """``block ± Σ scale · B A`` in float32, as a new tensor (``block`` is never written).
+
+    Every merge goes through here (layers, files, the command line): the sum is formed in fp32
+    and the caller casts once, so a bf16 merge rounds once instead of once per adapter."""
+    out = block.float() if block.dtype != torch.float32 else block.clone()
+    for A, B, scale in updates:  # one GEMM per adapter, in place: out += sign · s · (B A)
+        out.addmm_(B.float(), A.float(), alpha=sign * scale)
+    return out
+
+
+def with_block(weight: Tensor, rows: tuple[int, int] | None, block: Tensor) -> Tensor:
+    """``weight`` with rows ``rows`` replaced by ``block`` (all of it for ``None``), out of place
+    (autograd-friendly, and safe on a state dict's tensors)."""
+    if rows is None:
+        return block
+    start, end = rows
+    return torch.cat([weight[:start], block, weight[end:]])
+
+
+def first_nonfinite(tensors: Iterable[Tensor]) -> int | None:
+    """Index of the first tensor holding NaN or Inf, else ``None``: one device synchronisation
+    for all of them (a flag each, read back together), not one per tensor."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    if not flags:
+        return None
+    bad = [i for i, ok in enumerate(torch.stack(flags).tolist()) if not ok]
+    return bad[0] if bad else None
+
+
 class LoRALayer(nn.Module):
     """The trainable part of LoRA for one frozen weight (or a block of its rows).
 
-    Holds, per adapter name, ``lora_A[name]: (r, d_in)`` and ``lora_B[name]: (d_out, r)`` and the
-    adapter's rank, scale and dropout. Subclasses decide where the update is applied.
-    ``rows`` selects a block of rows of the host weight (q, k or v of a fused projection);
-    ``None`` means the whole weight.
+    Holds, per adapter name, ``lora_A[name]: (r, d_in)``, ``lora_B[name]: (d_out, r)`` and its
+    :class:`~lightning_lora.config.AdapterSpec` (rank, alpha, dropout, init) in ``specs``.
+    Subclasses decide where the update is applied. ``rows`` selects a block of rows of the host
+    weight (q, k or v of a fused projection); ``None`` means the whole weight.
     """
 
     def __init__(self, d_out: int, d_in: int, rows: tuple[int, int] | None = None) -> None:
@@ -75,10 +115,7 @@ class LoRALayer(nn.Module):
         self.d_out, self.d_in, self.rows = d_out, d_in, rows
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
-        self.dropout: dict[str, float] = {}
-        self.init: dict[str, str] = {}
+        self.specs: dict[str, AdapterSpec] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
@@ -87,34 +124,39 @@ class LoRALayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
+    @property
+    def r(self) -> dict[str, int]:
+        """Rank per adapter name."""
+        return {n: s.r for n, s in self.specs.items()}
+
+    @property
+    def scaling(self) -> dict[str, float]:
+        """Scale (``alpha / r``, or ``alpha / sqrt(r)``) per adapter name."""
+        return {n: s.scale for n, s in self.specs.items()}
+
     def add_adapter(
         self,
         name: str,
-        r: int,
-        scaling: float,
-        dropout: float = 0.0,
-        init: str = "zeros_b",
+        spec: AdapterSpec,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Create adapter ``name`` (not yet active: see :meth:`set_active`)."""
+        """Create adapter ``name`` with ``spec`` (not yet active: see :meth:`set_active`)."""
         if name in self.lora_A:
             raise LoRAStateError(f"this layer already has an adapter named {name!r}")
-        A = torch.empty(r, self.d_in, dtype=dtype, device=device)
-        B = torch.empty(self.d_out, r, dtype=dtype, device=device)
+        A = torch.empty(spec.r, self.d_in, dtype=dtype, device=device)
+        B = torch.empty(self.d_out, spec.r, dtype=dtype, device=device)
         if A.device.type != "meta":  # meta tensors are initialised by reset_parameters later
-            init_lora_(A, B, init)
+            init_lora_(A, B, spec.init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        self.r[name], self.scaling[name], self.dropout[name] = r, scaling, dropout
-        self.init[name] = init
+        self.specs[name] = spec
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LoRAStateError(f"adapter {name!r} is merged; unmerge it before deleting it")
         del self.lora_A[name], self.lora_B[name]
-        for table in (self.r, self.scaling, self.dropout, self.init):
-            table.pop(name)
+        del self.specs[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -127,12 +169,15 @@ class LoRALayer(nn.Module):
     def reset_parameters(self) -> None:
         """Re-draw every adapter as at creation: lets FSDP materialise meta-device adapters."""
         for name in self.adapter_names:
-            init_lora_(self.lora_A[name], self.lora_B[name], self.init[name])
+            init_lora_(self.lora_A[name], self.lora_B[name], self.specs[name].init)
+
+    def update(self, name: str) -> Update:
+        """``(A, B, scale)`` of adapter ``name``."""
+        return self.lora_A[name], self.lora_B[name], self.specs[name].scale
 
     def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``ΔW = scaling · B A`` of shape ``(d_out, d_in)``, computed in ``dtype``."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        return (B.to(dtype) @ A.to(dtype)) * self.scaling[name]
+        """``ΔW = scale · B A`` of shape ``(d_out, d_in)``, computed in ``dtype``."""
+        return delta_weight(*self.update(name), dtype=dtype)
 
     def unmerged_active(self) -> list[str]:
         """Adapters the forward pass must add: active, not disabled, not already in ``W``."""
@@ -144,15 +189,9 @@ class LoRALayer(nn.Module):
         """The part of the host ``weight`` this layer adapts (a view, so writes reach it)."""
         return weight if self.rows is None else weight[self.rows[0] : self.rows[1]]
 
-    @torch.no_grad()
     def merged_region(self, weight: Tensor, names: Iterable[str], sign: float = 1.0) -> Tensor:
-        """``region(W) ± Σ ΔW`` in float32, without writing: merge computes in fp32 and casts
-        once, so a bf16 merge rounds once instead of once per adapter."""
-        region = self.region(weight)
-        out = region.float() if region.dtype != torch.float32 else region.clone()  # a copy, never W itself
-        for name in names:  # in place, one GEMM per adapter: out += sign · s · (B A), in fp32
-            out.addmm_(self.lora_B[name].float(), self.lora_A[name].float(), alpha=sign * self.scaling[name])
-        return out
+        """``region(W) ± Σ ΔW`` in float32, without writing (see :func:`merged_block`)."""
+        return merged_block(self.region(weight), [self.update(n) for n in names], sign)
 
     @torch.no_grad()
     def merge(self, weight: Tensor, names: Iterable[str]) -> None:
@@ -171,7 +210,7 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         rows = "" if self.rows is None else f", rows={self.rows[0]}:{self.rows[1]}"
-        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
+        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.specs.items())
         return f"d_out={self.d_out}, d_in={self.d_in}{rows}, adapters=[{ranks}]"
 
 
@@ -208,10 +247,7 @@ class LoRALinear(LoRALayer):
     def lora_output(self, x: Tensor, name: str) -> Tensor:
         """``dropout(x) Aᵀ Bᵀ`` for one adapter, unscaled, in the adapter's dtype."""
         A, B = self.lora_A[name], self.lora_B[name]
-        p = self.dropout[name]
-        if p > 0.0 and self.training:  # no dropout kernel at all when p == 0
-            x = F.dropout(x, p=p, training=True)
-        return F.linear(F.linear(x.to(A.dtype), A), B)
+        return F.linear(F.linear(self._adapter_input(x, name).to(A.dtype), A), B)
 
     def forward(self, x: Tensor) -> Tensor:
         """``y = x Wᵀ + b + Σ_active (alpha/r) · dropout(x) Aᵀ Bᵀ``; ``x: (..., d_in)`` →
@@ -228,10 +264,10 @@ class LoRALinear(LoRALayer):
         if len(names) == 1 and fused.fast_path_wanted():
             name = names[0]
             base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
-            if _fast_path_fits(base, x, A, B):
-                p = self.dropout[name]
-                x_adapter = F.dropout(x, p=p, training=True) if p > 0.0 and self.training else None
-                return fused.lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], x_adapter)
+            if fused.fits(base, x, A, B):
+                x_adapter = self._adapter_input(x, name)  # x itself without dropout: read once
+                separate = None if x_adapter is x else x_adapter
+                return fused.lora_linear(x, base.weight, base.bias, A, B, self.specs[name].scale, separate)
         return self.reference_forward(x, names)
 
     def reference_forward(self, x: Tensor, names: list[str] | None = None) -> Tensor:
@@ -239,26 +275,15 @@ class LoRALinear(LoRALayer):
         adapter's update. The scale multiplies the ``(..., r)`` intermediate, not the output."""
         y = self.base_layer(x)
         for name in self.unmerged_active() if names is None else names:
-            A, B = self.lora_A[name], self.lora_B[name]
-            p = self.dropout[name]
-            x_adapter = F.dropout(x, p=p, training=True) if p > 0.0 and self.training else x
-            update = F.linear(F.linear(x_adapter.to(A.dtype), A) * self.scaling[name], B)
-            y = y + update.to(y.dtype)
+            A, B, scale = self.update(name)
+            y = y + F.linear(F.linear(self._adapter_input(x, name).to(A.dtype), A) * scale, B).to(y.dtype)
         return y
 
-
-def _fast_path_fits(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
-    """The fast path computes ``x Wᵀ + b`` itself, so the base must be a plain, frozen,
-    hook-free ``nn.Linear`` (a subclass or a wrapper such as FSDP's keeps its own forward), and
-    every tensor must share one dtype outside autocast."""
-    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-        return False
-    W, b = base.weight, base.bias
-    if W.requires_grad or (b is not None and b.requires_grad):
-        return False
-    if not (x.dtype == W.dtype == A.dtype == B.dtype):
-        return False
-    return not torch.is_autocast_enabled(x.device.type)
+    def _adapter_input(self, x: Tensor, name: str) -> Tensor:
+        """``dropout(x)`` for adapter ``name`` while training with dropout, else ``x`` itself
+        (no dropout kernel at all when ``p == 0``)."""
+        p = self.specs[name].dropout
+        return F.dropout(x, p=p, training=True) if p > 0.0 and self.training else x
 
 
 class LoRAParametrization(LoRALayer):
@@ -277,11 +302,6 @@ class LoRAParametrization(LoRALayer):
         names = self.unmerged_active()
         if not names:
             return weight
-        delta = self.delta_weight(names[0], dtype=self.lora_A[names[0]].dtype)
-        for name in names[1:]:
-            delta = delta + self.delta_weight(name, dtype=self.lora_A[name].dtype)
-        delta = delta.to(weight.dtype)
-        if self.rows is None:
-            return weight + delta
-        start, end = self.rows
-        return torch.cat([weight[:start], weight[start:end] + delta, weight[end:]])
+        deltas = [self.delta_weight(n, dtype=self.lora_A[n].dtype) for n in names]
+        delta = sum(deltas[1:], deltas[0]).to(weight.dtype)
+        return with_block(weight, self.rows, self.region(weight) + delta)

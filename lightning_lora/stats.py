@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from torch import nn
 
-from .inject import lora_layers
+from .state import adapted_weights
+from .tables import render_table, repeated_block
 
 
 @dataclass(frozen=True)
@@ -43,18 +43,13 @@ class ParameterStats:
         """Adapted weights grouped across repeated blocks (``layer.*.query  ×6``)."""
         groups: dict[tuple[str, tuple[int, int], int], list[AdaptedModule]] = {}
         for m in self.modules:
-            key = (re.sub(r"\.\d+\.", ".*.", m.name), m.shape, m.r)
+            key = (repeated_block(m.name), m.shape, m.r)
             groups.setdefault(key, []).append(m)
         rows = [("module", "shape", "r", "added params")]
         for (name, shape, r), ms in groups.items():
             count = f"  ×{len(ms)}" if len(ms) > 1 else ""
             rows.append((name + count, f"{shape[0]}×{shape[1]}", str(r), f"{sum(m.params for m in ms):,}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = [
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-            for row in rows
-        ]
-        lines.insert(1, "-" * len(lines[0]))
+        lines = render_table(rows, rule=True)
         lines.append(f"trainable {self.trainable:,} / total {self.total:,} parameters ({100 * self.ratio:.3f}%)")
         return "\n".join(lines)
 
@@ -67,10 +62,10 @@ def parameter_stats(model: nn.Module) -> ParameterStats:
         AdaptedModule(
             t.name,
             (t.layer.d_out, t.layer.d_in),
-            t.layer.r[name],
+            t.layer.specs[name].r,
             t.layer.lora_A[name].numel() + t.layer.lora_B[name].numel(),
         )
-        for t in lora_layers(model)
+        for t in adapted_weights(model)
         for name in t.layer.adapter_names
     ]
     return ParameterStats(

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from .config import ALL_LINEAR, LoRAConfig
 from .errors import LoRATargetError
 from .layers import LoRALinear
+from .names import QKV, parse_weight_name
 
 SUPPORTED = "nn.Linear (and its subclasses), nn.MultiheadAttention"
 
@@ -80,19 +81,25 @@ def _no_match_message(field_name: str, pattern: str, candidates: list[str], adap
     return f"{field_name} entry {pattern!r} matched no module.{hint} Adaptable modules here ({SUPPORTED}): {listing}."
 
 
-def resolve_modules(model: nn.Module, patterns: list[str], field_name: str) -> list[str]:
-    """Names of the modules that the name/suffix list ``patterns`` selects; every entry must
-    select at least one module, so a typo fails instead of silently selecting nothing."""
-    walked = [(n, m) for n, m, _ in _walk(model)]
-    names = [n for n, _ in walked]
-    selected: list[str] = []
+def _select(
+    walked: list[tuple[str, nn.Module, nn.Module | None]], patterns: list[str], field_name: str
+) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """The walked modules that the name/suffix list ``patterns`` selects, in pattern order;
+    every entry must select at least one module, so a typo fails instead of selecting nothing."""
+    selected: list[tuple[str, nn.Module, nn.Module | None]] = []
     for pattern in patterns:
-        hits = [n for n in names if _matches(n, pattern)]
+        hits = [w for w in walked if _matches(w[0], pattern)]
         if not hits:
-            adaptable = [n for n, m in walked if _supported(m)]
+            names = [n for n, _, _ in walked]
+            adaptable = [n for n, m, _ in walked if _supported(m)]
             raise LoRATargetError(_no_match_message(field_name, pattern, names, adaptable))
         selected.extend(h for h in hits if h not in selected)
     return selected
+
+
+def resolve_modules(model: nn.Module, patterns: list[str], field_name: str) -> list[str]:
+    """Names of the modules that the name/suffix list ``patterns`` selects (see :func:`_select`)."""
+    return [n for n, _, _ in _select(list(_walk(model)), patterns, field_name)]
 
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
@@ -117,14 +124,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
                 f"name, e.g. r'.*\\.(query|value)'). Adaptable modules here: {_short_names(adaptable)}."
             )
     else:
-        chosen = []
-        for pattern in spec:
-            hits = [(n, m, p) for n, m, p in walked if _matches(n, pattern)]
-            if not hits:
-                raise LoRATargetError(
-                    _no_match_message("target_modules", pattern, [n for n, _, _ in walked], adaptable)
-                )
-            chosen.extend(h for h in hits if h not in chosen)
+        chosen = _select(walked, spec, "target_modules")
     if spec != ALL_LINEAR:
         unsupported = [(n, m) for n, m, _ in chosen if not _supported(m)]
         if unsupported:
@@ -156,18 +156,6 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
     return [Selected(n, m, p, with_out_proj=f"{n}.out_proj" not in excluded) for n, m, p in chosen]
 
 
-# The name of a q/k/v block of an nn.MultiheadAttention, as lora_layers reports it.
-_BLOCK = re.compile(r"(?P<module>.+)\.(?:in_proj_weight\[(?P<fused>[qkv])\]|(?P<separate>[qkv])_proj_weight)")
-
-
-def owner_of(name: str) -> tuple[str, str | None]:
-    """The module an adapted weight's name (as :func:`lora_layers` gives it) belongs to, and its
-    q/k/v label when it is a block of an ``nn.MultiheadAttention``: ``"a.attn.in_proj_weight[q]"``
-    → ``("a.attn", "q")``, ``"a.query"`` → ``("a.query", None)``."""
-    m = _BLOCK.fullmatch(name)
-    return (m["module"], m["fused"] or m["separate"]) if m else (name, None)
-
-
 def _prefix_hint(missing: str, module_names: Iterable[str]) -> str:
     """Names that differ only by a leading prefix are the usual reason for a missing module:
     an adapter saved from a wrapper (``encoder.layer.0...``) loaded into the bare model."""
@@ -195,9 +183,10 @@ def target_fields(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]
     known = set(modules)
     targets: list[str] = []
     labels: set[str] = set()
-    owners = {owner for owner, label in map(owner_of, names) if label}
-    for name in names:
-        owner, label = owner_of(name)
+    parsed = {name: parse_weight_name(name) for name in names}
+    owners = {p.module for p in parsed.values() if p.label}
+    for name, p in parsed.items():
+        owner, label = p.module, p.label
         if owner not in known:
             raise LoRATargetError(
                 f"no module named {owner!r} in this {type(model).__name__}.{_prefix_hint(owner, modules)}"
@@ -211,5 +200,5 @@ def target_fields(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]
     return {
         "target_modules": targets,
         "exclude_modules": sorted(f"{o}.out_proj" for o in owners if f"{o}.out_proj" not in names),
-        "mha_projections": [p for p in "qkv" if p in labels] or ["q", "k", "v"],
+        "mha_projections": [p for p in QKV if p in labels] or list(QKV),
     }

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora import LoRALinear, inject_lora, lora_parameters
+from lightning_lora import AdapterSpec, LoRALinear, inject_lora, lora_parameters
 from lightning_lora.fused import LoRALinearFunction, fast_path, fast_path_mode, set_fast_path
 
 
@@ -14,7 +14,7 @@ def adapted(d_in=24, d_out=20, r=4, alpha=8.0, dropout=0.0, dtype=torch.float32,
     torch.manual_seed(seed)
     layer = LoRALinear(nn.Linear(d_in, d_out, bias=bias, dtype=dtype))
     layer.base_layer.requires_grad_(False)
-    layer.add_adapter("default", r=r, scaling=alpha / r, dropout=dropout, init="gaussian", dtype=dtype)
+    layer.add_adapter("default", AdapterSpec(r=r, alpha=alpha, dropout=dropout, init="gaussian"), dtype=dtype)
     layer.set_active(["default"])
     with torch.no_grad():  # B of a trained size, so the update is not negligible next to W x
         layer.lora_B["default"].mul_(10)
@@ -141,13 +141,13 @@ def _fallback_cases():
 
     def fp32_adapter_on_bf16_base():
         layer = LoRALinear(nn.Linear(24, 20, dtype=torch.bfloat16).requires_grad_(False))
-        layer.add_adapter("default", r=4, scaling=2.0, init="gaussian", dtype=torch.float32)
+        layer.add_adapter("default", AdapterSpec(r=4, alpha=8, init="gaussian"), dtype=torch.float32)
         layer.set_active(["default"])
         return layer, torch.bfloat16
 
     def two_adapters():
         layer = adapted()
-        layer.add_adapter("other", r=2, scaling=1.0, init="gaussian")
+        layer.add_adapter("other", AdapterSpec(r=2, alpha=2, init="gaussian"))
         layer.set_active(["default", "other"])
         return layer, torch.float32
 

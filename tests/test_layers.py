@@ -6,21 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lora import LoRALinear, LoRAParametrization
+from lightning_lora import AdapterSpec, LoRALinear, LoRAParametrization
 from lightning_lora.layers import init_lora_
 
 
 def lora_linear(d_in=16, d_out=12, r=4, alpha=8.0, dropout=0.0, init="zeros_b", dtype=torch.float32, bias=True):
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(d_in, d_out, bias=bias, dtype=dtype))
-    layer.add_adapter("default", r=r, scaling=alpha / r, dropout=dropout, init=init, dtype=dtype)
+    layer.add_adapter("default", AdapterSpec(r=r, alpha=alpha, dropout=dropout, init=init), dtype=dtype)
     layer.set_active(["default"])
     return layer
 
 
 def test_seed_arithmetic_d1000_r10_is_20000_parameters_50x_fewer():
     layer = LoRALinear(nn.Linear(1000, 1000, bias=False))
-    layer.add_adapter("default", r=10, scaling=1.0)
+    layer.add_adapter("default", AdapterSpec(r=10, alpha=10))
     lora = layer.lora_A["default"].numel() + layer.lora_B["default"].numel()
     full = layer.base_layer.weight.numel()
     assert (lora, full, full // lora) == (20_000, 1_000_000, 50)
@@ -116,7 +116,7 @@ def test_merge_and_unmerge_bf16_stay_within_bf16_rounding():
 
 def test_adapter_dtype_follows_the_given_dtype_and_output_keeps_the_input_dtype():
     layer = LoRALinear(nn.Linear(8, 8, dtype=torch.bfloat16))
-    layer.add_adapter("fp32", r=2, scaling=1.0, dtype=torch.float32, init="gaussian")
+    layer.add_adapter("fp32", AdapterSpec(r=2, alpha=2, init="gaussian"), dtype=torch.float32)
     layer.set_active(["fp32"])
     y = layer(torch.randn(2, 8, dtype=torch.bfloat16))
     assert layer.lora_A["fp32"].dtype == torch.float32 and y.dtype == torch.bfloat16
@@ -124,7 +124,7 @@ def test_adapter_dtype_follows_the_given_dtype_and_output_keeps_the_input_dtype(
 
 def test_reset_parameters_materialises_meta_adapters():
     layer = LoRALinear(nn.Linear(8, 8, device="meta"))
-    layer.add_adapter("default", r=2, scaling=1.0, device="meta")
+    layer.add_adapter("default", AdapterSpec(r=2, alpha=2), device="meta")
     layer.to_empty(device="cpu")
     layer.reset_parameters()
     assert torch.count_nonzero(layer.lora_B["default"]) == 0
@@ -137,14 +137,14 @@ def test_linear_subclass_keeps_its_own_forward():
             return super().forward(x).clamp(min=0)
 
     layer = LoRALinear(Clamped(4, 4))
-    layer.add_adapter("default", r=2, scaling=1.0)
+    layer.add_adapter("default", AdapterSpec(r=2, alpha=2))
     layer.set_active(["default"])
     assert (layer(torch.randn(16, 4)) >= 0).all()
 
 
 def test_parametrization_adds_delta_to_its_row_block_only():
     p = LoRAParametrization(4, 6, rows=(4, 8), label="k")
-    p.add_adapter("default", r=2, scaling=3.0, init="gaussian")
+    p.add_adapter("default", AdapterSpec(r=2, alpha=6, init="gaussian"))
     p.set_active(["default"])
     W = torch.randn(12, 6)
     out = p(W)
@@ -154,7 +154,7 @@ def test_parametrization_adds_delta_to_its_row_block_only():
 
 def test_several_active_adapters_add_their_updates():
     layer = lora_linear(init="gaussian")
-    layer.add_adapter("other", r=2, scaling=0.5, init="gaussian")
+    layer.add_adapter("other", AdapterSpec(r=2, alpha=1, init="gaussian"))
     x = torch.randn(3, 16)
     layer.set_active(["default", "other"])
     both = layer(x)

@@ -63,7 +63,7 @@ def run_layer_micro(bench: Bench) -> None:
     frozen Linear vs our reference path vs our fast path; and q/k/v on one input."""
     from torch import nn
 
-    from lightning_lora import LoRALinear
+    from lightning_lora import AdapterSpec, LoRALinear
 
     tokens = bench.shape.batch * bench.shape.seq
     h, i = bench.shape.hidden, bench.shape.intermediate
@@ -72,7 +72,9 @@ def run_layer_micro(bench: Bench) -> None:
         torch.manual_seed(0)
         base = nn.Linear(d_in, d_out, bias=False, device=bench.device, dtype=bench.dtype).requires_grad_(False)
         layer = LoRALinear(base)
-        layer.add_adapter("default", r=R, scaling=ALPHA / R, dtype=bench.dtype, device=bench.device, init="gaussian")
+        layer.add_adapter(
+            "default", AdapterSpec(r=R, alpha=ALPHA, init="gaussian"), dtype=bench.dtype, device=bench.device
+        )
         layer.set_active(["default"])
         x = torch.randn(tokens, d_in, device=bench.device, dtype=bench.dtype, requires_grad=True)
         dy = torch.randn(tokens, d_out, device=bench.device, dtype=bench.dtype)

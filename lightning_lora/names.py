@@ -1,0 +1,86 @@
+"""How an adapted weight is named, in tables, files and state dicts: the one grammar.
+
+An adapted weight is named after the module that owns it:
+
+* ``encoder.layer.0.query``: the ``weight`` of a module (an ``nn.Linear``, an ``out_proj``);
+* ``blocks.0.attn.in_proj_weight[q]``: the q (k, v) rows of the fused in-projection of an
+  ``nn.MultiheadAttention``, one third of ``in_proj_weight`` each;
+* ``blocks.0.attn.q_proj_weight``: a separate q/k/v weight (MHA with ``kdim``/``vdim``).
+
+In an adapter file the tensors of weight ``<name>`` are ``base_model.model.<name>.lora_A.weight``
+and ``.lora_B.weight`` (PEFT's keys, so an ``nn.Linear``'s name is exactly PEFT's), and a trained
+module's tensors are ``base_model.model.<state-dict key>``. Everything that builds or reads such a
+name calls this module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+QKV = ("q", "k", "v")
+"""The blocks of a fused in-projection, in the order of its rows."""
+
+FILE_PREFIX = "base_model.model."
+"""PEFT's prefix of every tensor key in ``adapter_model.safetensors``."""
+
+CHECKPOINT_KEY = "lightning_lora"
+"""Key of the LoRA record in a Lightning checkpoint written with ``LoRACallback``
+(``checkpoint[CHECKPOINT_KEY]``: whether it is adapter-only, its keys and config)."""
+
+_NAME = re.compile(r"(?P<module>.+)\.(?:in_proj_weight\[(?P<fused>[qkv])\]|(?P<separate>[qkv])_proj_weight)")
+_FILE_KEY = re.compile(r"(?P<name>.+)\.lora_(?P<part>[AB])(?:\.weight)?")
+
+
+@dataclass(frozen=True)
+class WeightName:
+    """A parsed adapted-weight name: the owning module, the tensor's attribute, its q/k/v label
+    (``""`` for a whole tensor) and whether the label selects rows of a fused tensor."""
+
+    module: str
+    tensor: str = "weight"
+    label: str = ""
+
+    @property
+    def fused(self) -> bool:
+        return self.tensor == "in_proj_weight"
+
+    def state_dict_key(self, prefix: str = "") -> str:
+        """Key of the host tensor in the owning model's state dict (behind ``prefix``)."""
+        return f"{prefix}{self.module}.{self.tensor}"
+
+
+def weight_name(module: str, tensor: str = "weight", label: str = "") -> str:
+    """The name of the adapted ``module.tensor`` (rows ``label`` of a fused in-projection)."""
+    if tensor == "weight":
+        return module
+    return f"{module}.{tensor}" + (f"[{label}]" if tensor == "in_proj_weight" else "")
+
+
+def parse_weight_name(name: str) -> WeightName:
+    """Inverse of :func:`weight_name`: ``"a.attn.in_proj_weight[q]"`` → module ``"a.attn"``,
+    tensor ``"in_proj_weight"``, label ``"q"``; ``"a.query"`` → module ``"a.query"``."""
+    m = _NAME.fullmatch(name)
+    if m is None:
+        return WeightName(name)
+    if m["fused"]:
+        return WeightName(m["module"], "in_proj_weight", m["fused"])
+    return WeightName(m["module"], f"{m['separate']}_proj_weight", m["separate"])
+
+
+def block_rows(label: str, total_rows: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of block ``label`` (q, k or v) in a fused ``(3E, E)`` in-projection."""
+    third = total_rows // 3
+    i = QKV.index(label)
+    return i * third, (i + 1) * third
+
+
+def file_key(name: str, part: str) -> str:
+    """Key of ``lora_A`` (``part="A"``) or ``lora_B`` of weight ``name`` in an adapter file."""
+    return f"{FILE_PREFIX}{name}.lora_{part}.weight"
+
+
+def parse_file_key(key: str) -> tuple[str, str] | None:
+    """``(weight name, "A" | "B")`` of an adapter-file key, ``None`` for any other tensor."""
+    m = _FILE_KEY.fullmatch(key.removeprefix(FILE_PREFIX))
+    return (m["name"], m["part"]) if m else None

@@ -1,0 +1,97 @@
+"""Which tensors are an adapter's: the ones that train, and the ones a save must keep.
+
+An adapter consists of its ``A``/``B`` pairs and the full state of its ``trainable_modules``.
+:func:`adapter_entries` lists them once, each with both of its keys (the model's state-dict key
+and the adapter file's key), so ``lora_state_dict`` (checkpoints) and the adapter files cannot
+disagree about what an adapter holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .names import FILE_PREFIX, file_key
+from .state import adapted_weights, lora_state
+from .targets import resolve_modules
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One tensor of an adapter: its key in ``model.state_dict()``, its key in an adapter file."""
+
+    state_key: str
+    file_key: str
+    tensor: Tensor
+
+
+def lora_parameters(model: nn.Module, adapter_name: str | Iterable[str] | None = None) -> list[nn.Parameter]:
+    """The ``A``/``B`` parameters of ``adapter_name`` (default: every adapter), in model order."""
+    wanted = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for target in adapted_weights(model):
+        for name in target.layer.adapter_names:
+            if wanted is not None and name not in wanted:
+                continue
+            for p in (target.layer.lora_A[name], target.layer.lora_B[name]):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return params
+
+
+def trainable_module_names(model: nn.Module, adapter_name: str | None = None) -> list[str]:
+    """Module names that the config(s) of ``model`` keep fully trainable."""
+    state = lora_state(model)
+    if state is None:
+        return []
+    configs = state.configs.values() if adapter_name is None else [state.configs[adapter_name]]
+    names: list[str] = []
+    for config in configs:
+        for n in resolve_modules(model, config.trainable_modules, "trainable_modules"):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def mark_only_lora_as_trainable(
+    model: nn.Module,
+    adapter_name: str | Iterable[str] | None = None,
+    trainable_modules: Iterable[str] = (),
+) -> None:
+    """``requires_grad`` on the given adapters' ``A``/``B`` and the named modules, off elsewhere."""
+    keep = {id(p) for p in lora_parameters(model, adapter_name)}
+    for module_name in resolve_modules(model, list(trainable_modules), "trainable_modules"):
+        keep.update(id(p) for p in model.get_submodule(module_name).parameters())
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def adapter_entries(
+    model: nn.Module, adapter_name: str | None = None, include_trainable: bool = True
+) -> Iterator[AdapterEntry]:
+    """Every tensor of adapter ``adapter_name`` (default: all adapters' ``A``/``B``) and, with
+    ``include_trainable``, of the ``trainable_modules``, in model order."""
+    for target in adapted_weights(model):
+        for name in target.layer.adapter_names:
+            if adapter_name is None or name == adapter_name:
+                for part in "AB":
+                    key = ".".join(filter(None, (target.path, f"lora_{part}", name)))
+                    tensor = getattr(target.layer, f"lora_{part}")[name]
+                    yield AdapterEntry(key, file_key(target.name, part), tensor)
+    if include_trainable:
+        for module_name in trainable_module_names(model, adapter_name):
+            for key, tensor in model.get_submodule(module_name).state_dict(prefix=f"{module_name}.").items():
+                yield AdapterEntry(key, FILE_PREFIX + key, tensor)
+
+
+def lora_state_dict(
+    model: nn.Module, adapter_name: str | None = None, include_trainable: bool = True
+) -> dict[str, Tensor]:
+    """The adapter's tensors under their ``model.state_dict()`` keys: ``A``/``B`` of
+    ``adapter_name`` (default: all) and, with ``include_trainable``, the full state of the
+    ``trainable_modules``. Small enough to save every step; enough to restore training."""
+    return {e.state_key: e.tensor.detach() for e in adapter_entries(model, adapter_name, include_trainable)}

@@ -1,0 +1,178 @@
+"""PEFT's ``adapter_config.json``, both ways: what we write, and what we accept.
+
+Writing: :func:`peft_config_dict` describes an adapter with exact module names as targets (so
+any PEFT version selects the same modules) and per-weight rank or alpha only where they differ.
+Reading: :func:`check_peft_config` accepts a ``LoraConfig`` only if every field that changes the
+math is one we compute the same way; unknown fields left at their defaults are ignored with a
+warning, others refused. :func:`config_for_file` turns an accepted file into the
+:class:`~lightning_lora.config.LoRAConfig` that adapts exactly its weights.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .config import ADAPTER_DTYPES, LoRAConfig
+from .errors import AdapterFileError
+from .params import trainable_module_names
+from .state import adapted_weights, lora_config
+from .targets import target_fields
+
+if TYPE_CHECKING:
+    from .io import AdapterFile
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+MATH_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+"""The fields that set what an adapter computes; the weights file keeps a copy to detect a
+pair of files from two different saves."""
+
+# PEFT LoraConfig fields that do not change what a trained adapter computes.
+HARMLESS_FIELDS = {
+    "peft_type", "task_type", "peft_version", "auto_mapping", "base_model_name_or_path",
+    "revision", "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules",
+    "exclude_modules", "modules_to_save", "use_rslora", "rank_pattern", "alpha_pattern",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_config",
+    "megatron_core", "loftq_config", "eva_config", "corda_config", "qalora_group_size",
+    "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config",
+    "velora_config", "arrow_config", "use_bdlora",
+}  # fmt: skip
+# Fields whose non-default value means an adapter we cannot compute the same way.
+MATH_FIELDS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a trained bias on lora_B",
+    "bias": "trained biases of the base layers",
+    "fan_in_fan_out": "transposed (Conv1D) weights",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+    "target_parameters": "LoRA on bare nn.Parameters",
+    "trainable_token_indices": "trainable token embeddings",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+}
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal")
+
+
+def _is_default(value: Any) -> bool:
+    return value in (None, False, "none", 0) or value == {} or value == []
+
+
+def check_peft_config(config: Any, file: Path) -> dict[str, Any]:
+    """``config`` (the parsed JSON of ``file``) if it is a LoRA adapter whose math we implement;
+    else an :class:`AdapterFileError` naming the field and why."""
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{file} must hold a JSON object, found {type(config).__name__}.")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(
+            f"{file} describes a peft_type={config['peft_type']!r} adapter; lightning-lora loads LORA adapters only."
+        )
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise AdapterFileError(f"{file} lacks the field {key!r} that every LoRA adapter has.")
+    for key, what in MATH_FIELDS.items():
+        if not _is_default(config.get(key)):
+            raise AdapterFileError(
+                f"{file} sets {key}={config[key]!r}: {what}, which lightning-lora does not "
+                f"implement yet, so its outputs would differ. Load it with PEFT instead."
+            )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterFileError(
+            f"{file} was initialised with init_lora_weights={init!r}, which also changes the base "
+            f"weights; this adapter only fits that modified base. Convert it with PEFT "
+            f"(path_initial_model_for_weight_conversion) first."
+        )
+    unknown = sorted(k for k in config if k not in HARMLESS_FIELDS and k not in MATH_FIELDS)
+    ignored = [k for k in unknown if _is_default(config[k])]
+    refused = [k for k in unknown if not _is_default(config[k])]
+    if refused:
+        raise AdapterFileError(
+            f"{file} sets fields lightning-lora does not know ({', '.join(f'{k}={config[k]!r}' for k in refused)}), "
+            f"probably from a newer PEFT; they may change the adapter's math, so it is not loaded."
+        )
+    if ignored:
+        warnings.warn(f"{file}: ignoring unknown fields left at their defaults: {ignored}", stacklevel=4)
+    return config
+
+
+def peft_config_dict(
+    model: nn.Module, adapter_name: str = "default", base_model_name_or_path: str | None = None
+) -> dict[str, Any]:
+    """The PEFT ``LoraConfig`` describing adapter ``adapter_name`` of ``model``: exact module
+    names as targets (so any PEFT version matches the same modules) and per-weight rank or
+    alpha only where they differ from the config's."""
+    config = lora_config(model, adapter_name)
+    targets = [t for t in adapted_weights(model) if adapter_name in t.layer.lora_A]
+    fields = target_fields(model, [t.name for t in targets])
+    rank_pattern, alpha_pattern = {}, {}
+    for t in targets:
+        spec = t.layer.specs[adapter_name]
+        if spec.r != config.r:
+            rank_pattern[t.name] = spec.r
+        if spec.alpha != config.alpha:
+            alpha_pattern[t.name] = spec.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(fields["target_modules"]),
+        "exclude_modules": fields["exclude_modules"] or None,
+        "modules_to_save": trainable_module_names(model, adapter_name) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "inference_mode": True,
+    }
+
+
+def pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    """Per-weight rank/alpha: an exact name (our files), else PEFT's rule (the key is a regex
+    matching the name or a dotted suffix of it)."""
+    if name in pattern:
+        return pattern[name]
+    for key, value in pattern.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            continue
+    return default
+
+
+def config_for_file(model: nn.Module, file: AdapterFile) -> LoRAConfig:
+    """The LoRAConfig that adapts exactly the file's weights, with the file's hyper-parameters."""
+    peft, extras = file.config, file.extras
+    if "adapter_dtype" in extras:
+        dtype = extras["adapter_dtype"]
+    else:  # a PEFT file: keep the dtype it was saved in
+        dtypes = {str(t.dtype).removeprefix("torch.") for pair in file.pairs.values() for t in pair}
+        dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(ADAPTER_DTYPES) else None
+    fields = target_fields(model, file.pairs)
+    try:
+        return LoRAConfig(
+            r=int(peft["r"]),
+            alpha=float(peft["lora_alpha"]),
+            dropout=float(peft.get("lora_dropout") or 0.0),
+            target_modules=fields["target_modules"],
+            exclude_modules=fields["exclude_modules"],
+            trainable_modules=list(peft.get("modules_to_save") or []),
+            init=extras.get("init", "zeros_b"),
+            mha_projections=fields["mha_projections"],
+            use_rslora=bool(peft.get("use_rslora", False)),
+            adapter_dtype=dtype,
+        )
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{file.path / ADAPTER_CONFIG}: {err}") from None

@@ -1,0 +1,154 @@
+"""Module surgery: putting LoRA layers into a module tree and taking them out again.
+
+Two carriers (see :mod:`lightning_lora.layers`): an ``nn.Linear`` is swapped for a
+:class:`LoRALinear` that wraps it; a weight that its owner reads directly (the fused q/k/v of an
+``nn.MultiheadAttention``, its ``out_proj``, the Linears of ``nn.TransformerEncoderLayer``, whose
+inference fast path never calls them) gets a :class:`LoRAParametrization`. Taking them out gives
+back the original modules, parameter order and ``requires_grad`` flags, from the
+:class:`~lightning_lora.state.LoRAState` recorded at the first injection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .config import LoRAConfig
+from .errors import LoRAStateError, LoRATargetError
+from .layers import LoRALayer, LoRALinear, LoRAParametrization
+from .names import block_rows
+from .state import STATE_ATTR, LoRAState, lora_state
+from .targets import Selected
+
+# Parents that read their Linear children's ``.weight`` directly instead of calling them:
+# MultiheadAttention (out_proj) and TransformerEncoderLayer's inference fast path (linear1,
+# linear2). Their Linears are adapted through a weight parametrization, never a wrapper.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def adapt(target: Selected, config: LoRAConfig, adapter_name: str, state: LoRAState) -> None:
+    """Give the selected module adapter ``adapter_name``: a new LoRA layer, or a new adapter in
+    the layer it already has."""
+    module, parent = target.module, target.parent
+    if isinstance(module, LoRALinear):
+        _add(module, config, adapter_name, module.weight)
+    elif isinstance(module, nn.MultiheadAttention):
+        _adapt_mha(module, target.name, config, adapter_name, state, target.with_out_proj)
+    elif isinstance(parent, _READS_CHILD_WEIGHTS):
+        _parametrize(module, "weight", None, "", config, adapter_name, state, target.name)
+    else:
+        wrapped = LoRALinear(module)
+        _add(wrapped, config, adapter_name, module.weight)
+        setattr(parent, target.name.rsplit(".", 1)[-1], wrapped)
+
+
+def _adapter_dtype(config: LoRAConfig, weight: Tensor) -> torch.dtype:
+    if config.adapter_dtype is not None:
+        return getattr(torch, config.adapter_dtype)
+    if not weight.is_floating_point():
+        raise LoRATargetError(
+            f"cannot follow a {weight.dtype} base weight for the adapter dtype; set adapter_dtype='float32'."
+        )
+    return weight.dtype
+
+
+def _add(layer: LoRALayer, config: LoRAConfig, name: str, weight: Tensor) -> None:
+    layer.add_adapter(name, config.spec, dtype=_adapter_dtype(config, weight), device=weight.device)
+
+
+def _parametrize(
+    module: nn.Module,
+    tensor_name: str,
+    rows: tuple[int, int] | None,
+    label: str,
+    config: LoRAConfig,
+    adapter_name: str,
+    state: LoRAState,
+    path: str,
+) -> None:
+    if config.dropout > 0:
+        raise LoRATargetError(
+            f"dropout={config.dropout} cannot apply to {path}.{tensor_name}: adapters of "
+            f"nn.MultiheadAttention act on its weights, not on its input. Set dropout=0.0, or "
+            f"exclude the attention modules."
+        )
+    if parametrize.is_parametrized(module, tensor_name):
+        chain = getattr(module.parametrizations, tensor_name)
+        weight = chain.original
+        for existing in chain:
+            if isinstance(existing, LoRAParametrization) and existing.label == label:
+                _add(existing, config, adapter_name, weight)
+                return
+    else:
+        weight = getattr(module, tensor_name)
+        # register_parametrization moves the tensor to the end of ``_parameters`` (torch 2.13):
+        # remember the order so unloading gives back the original state-dict key order.
+        state.param_order.setdefault(path, list(module._parameters))
+    d_out = weight.shape[0] if rows is None else rows[1] - rows[0]
+    layer = LoRAParametrization(d_out, weight.shape[1], rows=rows, label=label)
+    _add(layer, config, adapter_name, weight)
+    parametrize.register_parametrization(module, tensor_name, layer)
+
+
+def _adapt_mha(
+    mha: nn.MultiheadAttention,
+    path: str,
+    config: LoRAConfig,
+    adapter_name: str,
+    state: LoRAState,
+    with_out_proj: bool,
+) -> None:
+    # ``_qkv_same_embed_dim`` (torch 2.13): whether q/k/v live fused in ``in_proj_weight`` or
+    # apart in ``q/k/v_proj_weight``; MHA's own forward branches on it the same way.
+    fused = mha._qkv_same_embed_dim
+    for proj in config.mha_projections:
+        if fused:
+            rows = block_rows(proj, 3 * mha.embed_dim)
+            _parametrize(mha, "in_proj_weight", rows, proj, config, adapter_name, state, path)
+        else:
+            _parametrize(mha, f"{proj}_proj_weight", None, proj, config, adapter_name, state, path)
+    if with_out_proj:
+        _parametrize(mha.out_proj, "weight", None, "", config, adapter_name, state, f"{path}.out_proj")
+
+
+def strip_lora(model: nn.Module) -> None:
+    """Remove every LoRA layer and the injection record; restore the ``requires_grad`` flags.
+    ``W`` is left as it is: merge or unmerge first (``unload_lora`` does)."""
+    state = lora_state(model) or LoRAState()
+    _remove_layers(model, state, empty_only=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
+    model.__dict__.pop(STATE_ATTR, None)
+
+
+def remove_empty_layers(model: nn.Module) -> None:
+    """Give back the original module (or plain weight) wherever no adapter is left, e.g. after
+    deleting the only adapter of some modules while others keep theirs."""
+    _remove_layers(model, lora_state(model) or LoRAState(), empty_only=True)
+
+
+def _remove_layers(model: nn.Module, state: LoRAState, empty_only: bool) -> None:
+    """Swap every LoRALinear back for its base layer and remove LoRA's parametrizations (with
+    ``empty_only``: only those that hold no adapter), restoring the parameters' order."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear) and not (empty_only and module.adapter_names):
+            parent_name, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.base_layer)
+    for path, module in list(model.named_modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name in list(module.parametrizations):
+            chain = getattr(module.parametrizations, tensor_name)
+            only_lora = all(isinstance(p, LoRAParametrization) for p in chain)
+            if empty_only and (not only_lora or any(p.adapter_names for p in chain)):
+                continue
+            if not only_lora:
+                raise LoRAStateError(
+                    f"{path}.{tensor_name} carries parametrizations besides LoRA's; "
+                    f"lightning-lora cannot remove its own without removing those."
+                )
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        for key in state.param_order.get(path, []):  # see _parametrize
+            if key in module._parameters:
+                module._parameters[key] = module._parameters.pop(key)
