@@ -18,8 +18,9 @@ from .config import LoRAConfig
 from .errors import LoRAStateError
 from .merge import merge_lora, unmerge_lora
 from .params import mark_only_lora_as_trainable
+from .sharing import refuse_shared_targets
 from .state import STATE_ATTR, LoRAState, adapted_weights, lora_state, require_adapted
-from .surgery import adapt, strip_lora
+from .surgery import adapt, strip_lora, target_tensors
 from .targets import find_targets
 
 
@@ -36,8 +37,9 @@ def inject_lora(
     adapter becomes the only active one. Returns the adapted weights' names (a Linear by its
     module name; ``...self_attn.in_proj_weight[q]`` for a block of a fused projection).
 
-    Raises :class:`LoRATargetError` for patterns that match nothing or unsupported layers,
-    :class:`LoRAStateError` if ``adapter_name`` is already injected.
+    Raises :class:`LoRATargetError` for patterns that match nothing or unsupported layers, and
+    for a weight another module shares (a tied ``lm_head``: a merge would move both);
+    :class:`LoRAStateError` if ``adapter_name`` is already injected. Nothing changes when it raises.
     """
     check_adapter_name(adapter_name)
     config = LoRAConfig.build(config, **config_fields)
@@ -49,12 +51,13 @@ def inject_lora(
             f"(e.g. {already[0]!r}). Call unload_lora(model) first, or give the new adapter "
             f"another name: inject_lora(model, config, adapter_name='second')."
         )
+    refuse_shared_targets(model, [t for target in targets for t in target_tensors(target, config)])
     state = lora_state(model)
     if state is None:
         state = LoRAState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.__dict__[STATE_ATTR] = state
     for target in targets:
-        adapt(target, config, adapter_name, state)
+        adapt(target, config, adapter_name, state, model)
     state.configs[adapter_name] = config
     set_adapter(model, adapter_name)
     mark_only_lora_as_trainable(model, adapter_name, config.trainable_modules)

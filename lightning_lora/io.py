@@ -4,9 +4,10 @@ A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and
 ``adapter_model.safetensors`` with keys ``base_model.model.<weight>.lora_A.weight`` /
 ``.lora_B.weight`` and, for ``trainable_modules``, ``base_model.model.<module>.<tensor>``.
 ``<weight>`` is the adapted weight's name (:mod:`lightning_lora.names`): the module name for an
-``nn.Linear`` (exactly PEFT's key), ``attn.in_proj_weight[q]`` for a block of an
-``nn.MultiheadAttention`` (a lightning-lora extension PEFT does not read).
-``peft.PeftModel.from_pretrained`` loads our files, and
+``nn.Linear`` (exactly PEFT's key); an ``nn.MultiheadAttention`` is written in PEFT's layout, one
+pair over its fused in-projection and one over ``out_proj`` (:mod:`lightning_lora.peft_mha`:
+exact both ways). Names may be relative to a submodule, the model that will be served
+(``root``, :mod:`lightning_lora.roots`). ``peft.PeftModel.from_pretrained`` loads our files, and
 :func:`~lightning_lora.load.load_adapter` loads what PEFT's ``save_pretrained`` writes
 (:mod:`lightning_lora.peft_format` says which files are accepted). What
 PEFT has no field for (our ``init``, ``mha_projections``, ``adapter_dtype``) rides in the
@@ -23,7 +24,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from .config import AdapterSpec
 from .errors import AdapterFileError
 from .layers import Update, delta_weight
-from .names import FILE_PREFIX, parse_file_key
+from .names import FILE_PREFIX, parse_file_key, peft_mha_owner
 from .params import adapter_entries
 from .peft_format import (
     ADAPTER_CONFIG,
@@ -44,6 +45,8 @@ from .peft_format import (
     pattern_value,
     peft_config_dict,
 )
+from .peft_mha import METADATA_FIELD, from_peft, peft_layout
+from .roots import rebase, resolve_root, served_name_or_path
 from .state import lora_config
 
 METADATA_KEY = "lightning_lora"
@@ -94,9 +97,16 @@ def _fsync_directory(directory: Path) -> None:
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """The adapter's tensors under the file's keys (:mod:`lightning_lora.names`): ``lora_A``
-    ``(r, d_in)`` and ``lora_B`` ``(d_out, r)`` per adapted weight, and the ``trainable_modules``'
-    state under ``base_model.model.<module>.<tensor>``."""
-    return {e.file_key: e.tensor.detach() for e in adapter_entries(model, adapter_name)}
+    ``(r, d_in)`` and ``lora_B`` ``(d_out, r)`` per adapted weight (an ``nn.MultiheadAttention`` in
+    PEFT's layout), and the ``trainable_modules``' state under ``base_model.model.<module>.<tensor>``."""
+    layout = peft_layout(model, adapter_name)
+    covered = {
+        key
+        for name in layout.covered
+        for key in (f"{FILE_PREFIX}{name}.lora_A.weight", f"{FILE_PREFIX}{name}.lora_B.weight")
+    }
+    tensors = {e.file_key: e.tensor.detach() for e in adapter_entries(model, adapter_name) if e.file_key not in covered}
+    return tensors | layout.tensors
 
 
 def save_adapter(
@@ -104,8 +114,16 @@ def save_adapter(
     path: str | os.PathLike,
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
+    root: str | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's layout.
+
+    ``root``: the submodule that will be served, e.g. ``"model"`` for a LightningModule holding a
+    Hugging Face model as ``self.model``; names in the files are then relative to it (what
+    ``PeftModel.from_pretrained(hf_model, path)`` expects), and the root is recorded in the
+    metadata. ``"auto"`` finds it (:func:`~lightning_lora.roots.default_adapter_root`); ``None``
+    writes full names. ``base_model_name_or_path`` defaults to the served model's Hugging Face
+    ``config.name_or_path`` when it has one.
 
     Each file is written atomically, the weights first: a save interrupted between the two
     files leaves a pair that :func:`load_adapter` recognises as mismatched instead of loading
@@ -114,8 +132,11 @@ def save_adapter(
     """
     path = Path(path)
     config = lora_config(model, adapter_name)
-    peft = peft_config_dict(model, adapter_name, base_model_name_or_path)
-    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model, adapter_name).items()}
+    root = resolve_root(model, root)
+    base = base_model_name_or_path or served_name_or_path(model, root)
+    tensors, peft = rebase(adapter_tensors(model, adapter_name), peft_config_dict(model, adapter_name, base), root)
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    records = peft_layout(model, adapter_name).records
     extras = {
         "version": _version(),
         "adapter_name": adapter_name,
@@ -125,6 +146,8 @@ def save_adapter(
         "target_patterns": config.target_modules,
         "trainable_patterns": config.trainable_modules,
         "config": {k: peft[k] for k in MATH_KEYS},
+        "root": root,
+        METADATA_FIELD: {name[len(root) + 1 :] if root else name: r for name, r in records.items()},
     }
     metadata = {"format": "pt", METADATA_KEY: json.dumps(extras)}
     atomic_write(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -191,12 +214,16 @@ class AdapterFile:
     pairs: dict[str, tuple[Tensor, Tensor]]
     trainable: dict[str, Tensor]
     extras: dict[str, Any]
+    alphas: dict[str, float] = field(default_factory=dict)
+    """``lora_alpha`` of weights read from PEFT's MHA layout (their names are not in the config)."""
 
     def rank(self, name: str) -> int:
         return int(self.pairs[name][0].shape[0])
 
     def alpha(self, name: str) -> float:
         """``lora_alpha`` of weight ``name`` (its ``alpha_pattern`` entry, if any)."""
+        if name in self.alphas:
+            return self.alphas[name]
         return float(pattern_value(self.config.get("alpha_pattern") or {}, name, self.config["lora_alpha"]))
 
     def spec(self, name: str, base: AdapterSpec | None = None) -> AdapterSpec:
@@ -258,6 +285,14 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     if not halves:
         raise AdapterFileError(f"{file} holds no lora_A/lora_B tensors; it is not a LoRA adapter.")
     pairs = {}
+
+    def rank_of(name: str) -> int:
+        return int(pattern_value(config.get("rank_pattern") or {}, name, config["r"]))
+
+    def alpha_of(name: str) -> float:
+        return float(pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+
+    mha = {peft_mha_owner(n) for n in halves} - {None}
     for name, ab in halves.items():
         if set(ab) != {"lora_A", "lora_B"}:
             lacking = ({"lora_A", "lora_B"} - set(ab)).pop()
@@ -265,7 +300,10 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
                 f"{file} has {name}'s {set(ab).pop()} but not its {lacking}; the file is incomplete."
             )
         A, B = ab["lora_A"], ab["lora_B"]
-        expected = int(pattern_value(config.get("rank_pattern") or {}, name, config["r"]))
+        if name in mha or peft_mha_owner(name) is not None:
+            pairs[name] = (A, B)  # PEFT's MHA layout: checked as a whole by from_peft
+            continue
+        expected = rank_of(name)
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != expected or B.shape[1] != expected:
             raise AdapterFileError(
                 f"{Path(path) / ADAPTER_CONFIG} says r={expected} for {name!r}, but {file} has "
@@ -273,4 +311,6 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
                 f"(d_out, {expected})); the files do not belong together."
             )
         pairs[name] = (A, B)
-    return AdapterFile(Path(path), config, pairs, trainable, extras)
+    layouts = extras.get(METADATA_FIELD) if "version" in extras else None  # None: a file PEFT wrote
+    pairs, alphas = from_peft(pairs, alpha_of, rank_of, layouts, file, config.get("peft_version"))
+    return AdapterFile(Path(path), config, pairs, trainable, extras, alphas)

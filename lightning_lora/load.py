@@ -19,11 +19,20 @@ from .errors import AdapterFileError, LoRAError, LoRAStateError
 from .inject import inject_lora, unload_lora
 from .io import AdapterFile, read_adapter
 from .peft_format import config_for_file
+from .roots import fit_file
 from .state import adapted_weights, has_lora, lora_state
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> list[str]:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", root: str | None = None
+) -> list[str]:
     """Inject adapter ``adapter_name`` into ``model`` and fill it from directory ``path``.
+
+    The file's names may be ``model``'s own or relative to a submodule (a file saved with
+    ``root=...``, or one from a LightningModule loaded into the bare Hugging Face model): they
+    are tried as written, under the root recorded at save, then under the one prefix that fits
+    them all (:func:`~lightning_lora.roots.fit_file`, which warns naming it). ``root`` says it
+    instead: the submodule the names are relative to (``""``: ``model`` itself).
 
     The adapted weights are exactly the ones the file has tensors for, so PEFT's and our target
     dialects need not agree. As with :func:`~lightning_lora.inject.inject_lora`, the loaded
@@ -41,7 +50,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             f"the model already has an adapter named {adapter_name!r}; load this one under another "
             f"name (load_adapter(model, path, adapter_name='second')) or delete_adapter(model, {adapter_name!r}) first."
         )
-    file = read_adapter(path)
+    file = fit_file(model, read_adapter(path), root)
     had_lora = has_lora(model)
     active = {t.path: list(t.layer.active_adapters) for t in adapted_weights(model)}
     flags = {id(p): p.requires_grad for p in model.parameters()}

@@ -12,15 +12,18 @@ from collections.abc import Iterable
 from torch import nn
 
 from .errors import LoRAStateError
-from .layers import first_nonfinite
+from .layers import LoRALinear, first_nonfinite
+from .sharing import refuse_shared_merge
 from .state import AdaptedWeight, require_adapted
 
 
 def merge_lora(model: nn.Module, adapter_names: str | Iterable[str] | None = None, safe: bool = True) -> None:
     """``W ← W + ΔW`` for the active adapters (or ``adapter_names``), computed in float32 and
     cast once to ``W``'s dtype. With ``safe``, every result is checked for NaN/Inf before any
-    weight is written, so a poisoned adapter leaves the whole model untouched."""
+    weight is written, so a poisoned adapter leaves the whole model untouched. A weight that
+    another module holds too (tied after injection) is refused likewise, before any write."""
     plan = _merge_plan(require_adapted(model, "merge"), adapter_names)
+    refuse_shared_merge(model, [(t.name, _owner(model, t), t.weight) for t, _ in plan])
     if safe:
         bad = first_nonfinite(t.layer.merged_region(t.weight, names).to(t.weight.dtype) for t, names in plan)
         if bad is not None:
@@ -32,6 +35,13 @@ def merge_lora(model: nn.Module, adapter_names: str | Iterable[str] | None = Non
             )
     for target, names in plan:
         target.layer.merge(target.weight, names)
+
+
+def _owner(model: nn.Module, target: AdaptedWeight) -> nn.Module:
+    """The module whose tensor ``target.weight`` is, as :mod:`~lightning_lora.sharing` names owners."""
+    if isinstance(target.layer, LoRALinear):
+        return target.layer
+    return model.get_submodule(f".{target.path}".split(".parametrizations.")[0].lstrip("."))
 
 
 def _merge_plan(

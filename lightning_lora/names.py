@@ -9,8 +9,10 @@ An adapted weight is named after the module that owns it:
 
 In an adapter file the tensors of weight ``<name>`` are ``base_model.model.<name>.lora_A.weight``
 and ``.lora_B.weight`` (PEFT's keys, so an ``nn.Linear``'s name is exactly PEFT's), and a trained
-module's tensors are ``base_model.model.<state-dict key>``. Everything that builds or reads such a
-name calls this module.
+module's tensors are ``base_model.model.<state-dict key>``. An ``nn.MultiheadAttention`` is
+written in PEFT's layout instead (:mod:`lightning_lora.peft_mha`): one pair named after the module
+over its fused ``in_proj_weight``, and one named ``<mha>.base_layer.out_proj``. Everything that
+builds or reads such a name calls this module.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ QKV = ("q", "k", "v")
 
 FILE_PREFIX = "base_model.model."
 """PEFT's prefix of every tensor key in ``adapter_model.safetensors``."""
+
+PEFT_MHA_OUT = ".base_layer.out_proj"
+"""Suffix of the ``out_proj`` pair of an ``nn.MultiheadAttention`` in PEFT's file layout."""
 
 CHECKPOINT_KEY = "lightning_lora"
 """Key of the LoRA record in a Lightning checkpoint written with ``LoRACallback``
@@ -78,6 +83,11 @@ def block_rows(label: str, total_rows: int) -> tuple[int, int]:
 def file_key(name: str, part: str) -> str:
     """Key of ``lora_A`` (``part="A"``) or ``lora_B`` of weight ``name`` in an adapter file."""
     return f"{FILE_PREFIX}{name}.lora_{part}.weight"
+
+
+def peft_mha_owner(name: str) -> str | None:
+    """The ``nn.MultiheadAttention`` whose ``out_proj`` pair ``name`` is in PEFT's layout, else ``None``."""
+    return name.removesuffix(PEFT_MHA_OUT) if name.endswith(PEFT_MHA_OUT) else None
 
 
 def parse_file_key(key: str) -> tuple[str, str] | None:

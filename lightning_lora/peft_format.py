@@ -1,7 +1,8 @@
 """PEFT's ``adapter_config.json``, both ways: what we write, and what we accept.
 
 Writing: :func:`peft_config_dict` describes an adapter with exact module names as targets (so
-any PEFT version selects the same modules) and per-weight rank or alpha only where they differ.
+any PEFT version selects the same modules) and per-weight rank or alpha only where they differ;
+an ``nn.MultiheadAttention`` is one target with its fused rank (:mod:`lightning_lora.peft_mha`).
 Reading: :func:`check_peft_config` accepts a ``LoraConfig`` only if every field that changes the
 math is one we compute the same way; unknown fields left at their defaults are ignored with a
 warning, others refused. :func:`config_for_file` turns an accepted file into the
@@ -21,6 +22,7 @@ from torch import nn
 from .config import ADAPTER_DTYPES, LoRAConfig
 from .errors import AdapterFileError
 from .params import trainable_module_names
+from .peft_mha import peft_layout
 from .state import adapted_weights, lora_config
 from .targets import target_fields
 
@@ -110,13 +112,27 @@ def peft_config_dict(
     config = lora_config(model, adapter_name)
     targets = [t for t in adapted_weights(model) if adapter_name in t.layer.lora_A]
     fields = target_fields(model, [t.name for t in targets])
+    mha = peft_layout(model, adapter_name)
     rank_pattern, alpha_pattern = {}, {}
     for t in targets:
         spec = t.layer.specs[adapter_name]
+        if t.name in mha.covered:
+            continue
         if spec.r != config.r:
             rank_pattern[t.name] = spec.r
         if spec.alpha != config.alpha:
             alpha_pattern[t.name] = spec.alpha
+    for owner, rank in mha.ranks.items():  # PEFT's MHA: one rank and alpha for in_proj and out_proj
+        if rank != config.r:
+            rank_pattern[owner] = rank
+        if mha.alphas[owner] != config.alpha:
+            alpha_pattern[owner] = mha.alphas[owner]
+    # PEFT adapts an MHA as a whole (an out_proj alone would be skipped by MHA's forward), and
+    # always adapts its out_proj: zeros stand for one we do not adapt, so it is never excluded.
+    target_modules = sorted({mha.owners.get(n, n) for n in fields["target_modules"]})
+    exclude = [
+        n for n in fields["exclude_modules"] if n not in mha.covered and n.removesuffix(".out_proj") not in mha.ranks
+    ]
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -124,8 +140,8 @@ def peft_config_dict(
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": sorted(fields["target_modules"]),
-        "exclude_modules": fields["exclude_modules"] or None,
+        "target_modules": target_modules,
+        "exclude_modules": exclude or None,
         "modules_to_save": trainable_module_names(model, adapter_name) or None,
         "bias": "none",
         "fan_in_fan_out": False,

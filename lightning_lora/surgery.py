@@ -6,6 +6,11 @@ Two carriers (see :mod:`lightning_lora.layers`): an ``nn.Linear`` is swapped for
 inference fast path never calls them) gets a :class:`LoRAParametrization`. Taking them out gives
 back the original modules, parameter order and ``requires_grad`` flags, from the
 :class:`~lightning_lora.state.LoRAState` recorded at the first injection.
+
+A module registered under several names is swapped at every one, so its adapter runs wherever
+the module does. Parametrized modules get a class of their own before their parametrizations
+change: torch shares the generated ``Parametrized*`` class between a module and its
+``copy.deepcopy``, so removing a property from it on one copy would break the other.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from torch.nn.utils import parametrize
 from .config import LoRAConfig
 from .errors import LoRAStateError, LoRATargetError
 from .layers import LoRALayer, LoRALinear, LoRAParametrization
-from .names import block_rows
+from .names import block_rows, weight_name
+from .sharing import module_paths
 from .state import STATE_ATTR, LoRAState, lora_state
 from .targets import Selected
 
@@ -27,9 +33,12 @@ from .targets import Selected
 _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
-def adapt(target: Selected, config: LoRAConfig, adapter_name: str, state: LoRAState) -> None:
+def adapt(
+    target: Selected, config: LoRAConfig, adapter_name: str, state: LoRAState, model: nn.Module | None = None
+) -> None:
     """Give the selected module adapter ``adapter_name``: a new LoRA layer, or a new adapter in
-    the layer it already has."""
+    the layer it already has. A new ``LoRALinear`` replaces the module under every name
+    ``model`` has for it (only under ``target.name`` without ``model``)."""
     module, parent = target.module, target.parent
     if isinstance(module, LoRALinear):
         _add(module, config, adapter_name, module.weight)
@@ -40,7 +49,43 @@ def adapt(target: Selected, config: LoRAConfig, adapter_name: str, state: LoRASt
     else:
         wrapped = LoRALinear(module)
         _add(wrapped, config, adapter_name, module.weight)
-        setattr(parent, target.name.rsplit(".", 1)[-1], wrapped)
+        places = list(module_paths(model, module)) if model is not None else []
+        for holder, attr in places or [(parent, target.name.rsplit(".", 1)[-1])]:
+            setattr(holder, attr, wrapped)
+
+
+def target_tensors(target: Selected, config: LoRAConfig) -> list[tuple[str, nn.Module, Tensor]]:
+    """``(weight name, owning module, tensor)`` of every weight :func:`adapt` will give an
+    adapter for ``target``: what a merge would later write into."""
+    module = target.module
+    if isinstance(module, LoRALinear):
+        return [(target.name, module, module.weight)]
+    if not isinstance(module, nn.MultiheadAttention):
+        return [(target.name, module, module.weight)]
+    found = []
+    for proj in config.mha_projections:
+        tensor = "in_proj_weight" if module._qkv_same_embed_dim else f"{proj}_proj_weight"
+        found.append((weight_name(target.name, tensor, proj), module, _original(module, tensor)))
+    if target.with_out_proj:
+        found.append((f"{target.name}.out_proj", module.out_proj, _original(module.out_proj, "weight")))
+    return found
+
+
+def _original(module: nn.Module, tensor_name: str) -> Tensor:
+    """The stored tensor behind ``module.<tensor_name>`` (under a parametrization: its original)."""
+    if parametrize.is_parametrized(module, tensor_name):
+        return getattr(module.parametrizations, tensor_name).original
+    return getattr(module, tensor_name)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a private copy of its generated class, so that adding or
+    removing a parametrization (a property on that class) cannot reach a deep copy of it."""
+    if not parametrize.is_parametrized(module):
+        return
+    cls = type(module)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
 def _adapter_dtype(config: LoRAConfig, weight: Tensor) -> torch.dtype:
@@ -88,6 +133,7 @@ def _parametrize(
     d_out = weight.shape[0] if rows is None else rows[1] - rows[0]
     layer = LoRAParametrization(d_out, weight.shape[1], rows=rows, label=label)
     _add(layer, config, adapter_name, weight)
+    _own_class(module)  # registering adds a property to the class: keep it off deep copies
     parametrize.register_parametrization(module, tensor_name, layer)
 
 
@@ -131,10 +177,10 @@ def remove_empty_layers(model: nn.Module) -> None:
 def _remove_layers(model: nn.Module, state: LoRAState, empty_only: bool) -> None:
     """Swap every LoRALinear back for its base layer and remove LoRA's parametrizations (with
     ``empty_only``: only those that hold no adapter), restoring the parameters' order."""
-    for path, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear) and not (empty_only and module.adapter_names):
-            parent_name, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.base_layer)
+    for _, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, module in list(parent._modules.items()):
+            if isinstance(module, LoRALinear) and not (empty_only and module.adapter_names):
+                setattr(parent, child_name, module.base_layer)
     for path, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
@@ -148,6 +194,7 @@ def _remove_layers(model: nn.Module, state: LoRAState, empty_only: bool) -> None
                     f"{path}.{tensor_name} carries parametrizations besides LoRA's; "
                     f"lightning-lora cannot remove its own without removing those."
                 )
+            _own_class(module)  # removing deletes a property from the class: keep it off deep copies
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         for key in state.param_order.get(path, []):  # see _parametrize
             if key in module._parameters:

@@ -3,13 +3,17 @@
 
 Patterns follow PEFT: a list entry matches a module whose name equals it or ends with ``"." +
 entry``; one string is a regular expression over the full name; ``"all-linear"`` takes every
-supported layer. Unlike PEFT, every list entry must match something, so a typo fails loudly.
+supported layer except the model's output layer (PEFT's rule; :func:`~lightning_lora.sharing.output_layers`)
+and warns about weight layers it cannot adapt. Unlike PEFT, every list entry must match
+something, so a typo fails loudly. ``exclude_modules`` and ``trainable_modules`` apply before
+any type check: an excluded module is never looked at.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -22,8 +26,15 @@ from .config import ALL_LINEAR, LoRAConfig
 from .errors import LoRATargetError
 from .layers import LoRALinear
 from .names import QKV, parse_weight_name
+from .sharing import output_layers
 
-SUPPORTED = "nn.Linear (and its subclasses), nn.MultiheadAttention"
+ADAPTABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.MultiheadAttention)
+"""The layer types LoRA adapts (subclasses too): the one list every check and message reads."""
+
+SUPPORTED = ", ".join(f"nn.{t.__name__}" for t in ADAPTABLE) + " (and their subclasses)"
+
+_NOT_LINEAR = (nn.Embedding, nn.EmbeddingBag)
+"""Weight layers that ``"all-linear"`` does not mean, so it does not report skipping them."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,14 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]
 
 
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LoRALinear, nn.MultiheadAttention))
+    return isinstance(module, (*ADAPTABLE, LoRALinear))
+
+
+def _weight_layer(module: nn.Module) -> bool:
+    """A layer with a weight matrix (or kernel) of its own that LoRA cannot adapt yet: what
+    ``"all-linear"`` reports skipping (transformers' ``Conv1D``, ``nn.Conv2d``, ...)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() >= 2 and not _supported(module) and not isinstance(module, _NOT_LINEAR)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -103,18 +121,20 @@ def resolve_modules(model: nn.Module, patterns: list[str], field_name: str) -> l
 
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
-    """The modules ``config`` adapts, checked: each must be a supported type, none may be
-    excluded or inside a ``trainable_modules`` entry."""
+    """The modules ``config`` adapts, checked: excluded modules and ``trainable_modules`` are
+    removed first, then every module left must be a supported type."""
     walked = list(_walk(model))
     adaptable = [n for n, m, _ in walked if _supported(m)]
+    excluded = set(resolve_modules(model, config.exclude_modules, "exclude_modules"))
+    trainable = resolve_modules(model, config.trainable_modules, "trainable_modules")
+
+    def kept(name: str) -> bool:
+        inside_trainable = any(name == t or name.startswith(t + ".") for t in trainable)
+        return name not in excluded and not inside_trainable
+
     spec = config.target_modules
     if spec == ALL_LINEAR:
-        chosen = [(n, m, p) for n, m, p in walked if _supported(m)]
-        if not chosen:
-            raise LoRATargetError(
-                f"target_modules='{ALL_LINEAR}' found no {SUPPORTED} in {type(model).__name__}; "
-                f"LoRA needs at least one such layer (the root module itself is never replaced)."
-            )
+        chosen = _all_linear(model, [w for w in walked if kept(w[0])])
     elif isinstance(spec, str):
         regex = re.compile(spec)
         chosen = [(n, m, p) for n, m, p in walked if regex.fullmatch(n)]
@@ -125,24 +145,20 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
             )
     else:
         chosen = _select(walked, spec, "target_modules")
-    if spec != ALL_LINEAR:
-        unsupported = [(n, m) for n, m, _ in chosen if not _supported(m)]
-        if unsupported:
-            name, module = unsupported[0]
-            inner = [n for n in adaptable if n.startswith(name + ".")][:3]
-            fix = f" Target its layers instead, e.g. {inner}." if inner else ""
-            raise LoRATargetError(
-                f"target_modules={spec!r} selects {name!r} of type {type(module).__name__}, which "
-                f"LoRA cannot adapt (supported: {SUPPORTED}).{fix}"
-            )
-    excluded = set(resolve_modules(model, config.exclude_modules, "exclude_modules"))
-    trainable = resolve_modules(model, config.trainable_modules, "trainable_modules")
-
-    def kept(name: str) -> bool:
-        inside_trainable = any(name == t or name.startswith(t + ".") for t in trainable)
-        return name not in excluded and not inside_trainable
-
     chosen = [(n, m, p) for n, m, p in chosen if kept(n)]
+    unsupported = [(n, m) for n, m, _ in chosen if not _supported(m)]
+    if unsupported:
+        name, module = unsupported[0]
+        inner = [n for n in adaptable if n.startswith(name + ".")][:3]
+        fix = (
+            f" Target its layers instead, e.g. {inner}."
+            if inner
+            else f" Leave it out with exclude_modules=[{name!r}], or train it in full with trainable_modules."
+        )
+        raise LoRATargetError(
+            f"target_modules={spec!r} selects {name!r} of type {type(module).__name__}, which "
+            f"LoRA cannot adapt (supported: {SUPPORTED}).{fix}"
+        )
     names = {n for n, _, _ in chosen}
     # An out_proj inside a chosen MultiheadAttention is adapted with it, not on its own.
     chosen = [
@@ -154,6 +170,41 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
             f"trainable_modules remove; nothing is left to adapt."
         )
     return [Selected(n, m, p, with_out_proj=f"{n}.out_proj" not in excluded) for n, m, p in chosen]
+
+
+def _all_linear(
+    model: nn.Module, walked: list[tuple[str, nn.Module, nn.Module | None]]
+) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """PEFT's ``"all-linear"``: every supported layer except the output layer. Weight layers
+    of other types are reported in one warning (or in the error, if nothing is left), so a
+    model whose layers LoRA cannot adapt yet never trains only its head without a word."""
+    outputs = output_layers(model)
+    inside = {id(m) for _, m, _ in walked if _supported(m)}
+    chosen = [(n, m, p) for n, m, p in walked if _supported(m) and id(m) not in outputs]
+    skipped = [(n, m) for n, m, p in walked if _weight_layer(m) and id(p) not in inside]
+    left_out = [n for n, m, _ in walked if id(m) in outputs and _supported(m)]
+    if skipped:
+        counts = Counter(type(m).__name__ for _, m in skipped)
+        kinds = ", ".join(f"{k} ({v})" for k, v in counts.most_common())
+        what = (
+            f"target_modules='{ALL_LINEAR}' cannot adapt {len(skipped)} weight layer(s) of {type(model).__name__}: "
+            f"{kinds}, e.g. {skipped[0][0]!r} (supported: {SUPPORTED})."
+        )
+        if not chosen:
+            out = f" It leaves out the output layer {left_out[0]!r} (as PEFT does)." if left_out else ""
+            raise LoRATargetError(f"{what}{out} Nothing is left to adapt.")
+        warnings.warn(
+            f"{what} They stay frozen; {len(chosen)} module(s) are adapted. Name the targets explicitly, "
+            f"or list these in exclude_modules (or trainable_modules) to silence this.",
+            stacklevel=4,
+        )
+    if not chosen:
+        out = f" (the output layer {left_out[0]!r} is left out, as PEFT does)" if left_out else ""
+        raise LoRATargetError(
+            f"target_modules='{ALL_LINEAR}' found no {SUPPORTED} in {type(model).__name__}{out}; "
+            f"LoRA needs at least one such layer (the root module itself is never replaced)."
+        )
+    return chosen
 
 
 def _prefix_hint(missing: str, module_names: Iterable[str]) -> str:
