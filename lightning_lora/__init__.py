@@ -16,6 +16,7 @@ from .layers import LoRALayer, LoRALinear, LoRAParametrization
 from .load import load_adapter
 from .merge import merge_lora, unmerge_lora
 from .params import lora_parameters, lora_state_dict, mark_only_lora_as_trainable
+from .report import merge_report
 from .state import adapted_weights, lora_config
 from .state import lora_layers as lora_layers  # the name before adapted_weights; kept for old code
 from .stats import ParameterStats, parameter_stats
@@ -55,6 +56,7 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora",
+    "merge_report",
     "parameter_stats",
     "read_adapter",
     "save_adapter",

@@ -26,6 +26,7 @@ from .io import AdapterFile, atomic_write, read_adapter
 from .layers import first_nonfinite, merged_block, with_block
 from .names import CHECKPOINT_KEY, block_rows, parse_weight_name
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .report import file_merge_report
 from .tables import natural_key
 
 PROG = "lightning-lora"
@@ -161,6 +162,7 @@ def merge_files(base: Path, adapter_dir: Path, output: Path, prefix: str | None,
     adapter = read_adapter(as_adapter_dir(adapter_dir))
     prefix = detect_prefix(state, adapter) if prefix is None else prefix
     merged = merge_into_state_dict(state, adapter, prefix)
+    report = file_merge_report(state, merged, adapter, prefix)  # the weight part of merge_report
     if kind == "safetensors":
         tensors = {k: v.contiguous() for k, v in merged.items()}
         atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata=contents.get("metadata")))
@@ -172,4 +174,5 @@ def merge_files(base: Path, adapter_dir: Path, output: Path, prefix: str | None,
         atomic_write(output, lambda tmp: torch.save(payload, tmp))
     extra = f" and {len(adapter.trainable)} trainable-module tensor(s)" if adapter.trainable else ""
     where = f" under prefix {prefix!r}" if prefix else ""
-    return f"merged {len(adapter.pairs)} weight(s){extra} of {adapter.path} into {base}{where} -> {output} ({output.stat().st_size:,} bytes)"
+    summary = f"merged {len(adapter.pairs)} weight(s){extra} of {adapter.path} into {base}{where} -> {output} ({output.stat().st_size:,} bytes)"
+    return f"{summary}\n{report.text()}"

@@ -117,13 +117,15 @@ def rebase(tensors: dict[str, Any], peft: dict[str, Any], root: str | None) -> t
     """The file's tensors and PEFT config with every module name relative to ``root``."""
     if not root:
         return tensors, peft
-    out = {FILE_PREFIX + relative(k.removeprefix(FILE_PREFIX), root, "tensor"): v for k, v in tensors.items()}
     peft = dict(peft)
-    for field in ("target_modules", "exclude_modules", "modules_to_save"):
+    for field, what in (("modules_to_save", "trainable module"), ("target_modules", "adapted module")):
         if peft.get(field):
-            peft[field] = [relative(n, root, field.removesuffix("s").replace("_", " ")) for n in peft[field]]
+            peft[field] = [relative(n, root, what) for n in peft[field]]
+    if peft.get("exclude_modules"):
+        peft["exclude_modules"] = [relative(n, root, "excluded module") for n in peft["exclude_modules"]]
     for field in ("rank_pattern", "alpha_pattern"):
         peft[field] = {relative(k, root): v for k, v in (peft.get(field) or {}).items()}
+    out = {FILE_PREFIX + relative(k.removeprefix(FILE_PREFIX), root, "tensor"): v for k, v in tensors.items()}
     return out, peft
 
 
