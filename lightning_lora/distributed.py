@@ -41,12 +41,9 @@ from .inject import unload_lora
 from .io import save_adapter
 from .layers import LoRALayer
 from .merge import merge_lora
+from .names import WRAPPED_CHILD
+from .roots import served_name_or_path
 from .state import STATE_ATTR
-
-# Attribute names under which wrappers keep the module they wrap: FSDP, activation
-# checkpointing, torch.compile's OptimizedModule (private names, checked against torch 2.13).
-# DDP keeps it as ``module``.
-WRAPPED_CHILD = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
 def _fsdp_class() -> type | None:
@@ -144,14 +141,18 @@ def save_adapter_gathered(
     path: str | os.PathLike,
     adapter_name: str = "default",
     is_global_zero: bool = True,
+    adapter_root: str | None = None,
 ) -> Path | None:
     """``save_adapter`` for a model a strategy may have sharded. Every rank calls it (the
     gather is collective); the rank with ``is_global_zero`` writes. ``root`` is the outermost
     wrapper (``trainer.strategy.model``), ``model`` the module LoRA was injected into (the
-    LightningModule). The file has the bare module names, as from an unwrapped model."""
+    LightningModule). The file has the bare module names, as from an unwrapped model, relative
+    to ``adapter_root`` (a submodule name, resolved before wrapping:
+    :func:`~lightning_lora.roots.default_adapter_root`; ``None``: full names)."""
+    base = served_name_or_path(model, adapter_root)  # read from the real module: a view has no config
     with full_parameters(root, writeback=False):
         if is_global_zero:
-            return save_adapter(unwrapped_view(model), path, adapter_name)
+            return save_adapter(unwrapped_view(model), path, adapter_name, base, root=adapter_root)
     return None
 
 

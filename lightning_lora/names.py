@@ -29,6 +29,11 @@ FILE_PREFIX = "base_model.model."
 PEFT_MHA_OUT = ".base_layer.out_proj"
 """Suffix of the ``out_proj`` pair of an ``nn.MultiheadAttention`` in PEFT's file layout."""
 
+WRAPPED_CHILD = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+"""Attribute names under which wrappers keep the module they wrap (FSDP, activation
+checkpointing, torch.compile's OptimizedModule; private names, checked against torch 2.13). DDP
+keeps it as ``module``. A name segment of these is not part of the bare module name."""
+
 CHECKPOINT_KEY = "lightning_lora"
 """Key of the LoRA record in a Lightning checkpoint written with ``LoRACallback``
 (``checkpoint[CHECKPOINT_KEY]``: whether it is adapter-only, its keys and config)."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .errors import LoRAStateError, LoRATargetError
 from .layers import LoRALinear
+from .names import WRAPPED_CHILD
 
 
 def _tensor_key(t: Tensor) -> object:
@@ -30,14 +31,18 @@ def _tensor_key(t: Tensor) -> object:
 
 
 def _owner_path(path: str, modules: dict[str, nn.Module]) -> str:
-    """The module a tensor belongs to, seen through LoRA's own carriers: the base layer of a
-    ``LoRALinear`` and the ``parametrizations.<tensor>`` list of a parametrized module stand
-    for the module that was adapted."""
+    """The module a tensor belongs to, seen through LoRA's own carriers and through wrappers:
+    the base layer of a ``LoRALinear``, the ``parametrizations.<tensor>`` list of a parametrized
+    module, and a module that FSDP, checkpointing or compile wraps all stand for the module
+    that holds them."""
     if ".parametrizations." in f".{path}":
         path = f".{path}".split(".parametrizations.")[0].lstrip(".")
-    parent, _, child = path.rpartition(".")
-    if child == "base_layer" and isinstance(modules.get(parent), LoRALinear):
-        path = parent
+    while path:
+        parent, _, child = path.rpartition(".")
+        if child in WRAPPED_CHILD or (child == "base_layer" and isinstance(modules.get(parent), LoRALinear)):
+            path = parent
+        else:
+            break
     return path
 
 

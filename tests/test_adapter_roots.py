@@ -184,3 +184,12 @@ def test_base_model_name_or_path_comes_from_the_hugging_face_config(tmp_path):
     save_adapter(lit, tmp_path / "adapter", root="auto")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
+
+
+def test_the_gathered_save_writes_root_relative_names_too(tmp_path):
+    from lightning_lora.distributed import save_adapter_gathered
+
+    lit = adapted(LitLM("backbone"))
+    save_adapter_gathered(lit, lit, tmp_path, adapter_root="backbone")  # unsharded: save_adapter, same names
+    theirs = PeftModel.from_pretrained(llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, ids()), lit(ids()).detach(), rtol=0, atol=1e-5)
