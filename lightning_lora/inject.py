@@ -18,7 +18,7 @@ from .config import LoRAConfig
 from .errors import LoRAStateError
 from .merge import merge_lora, unmerge_lora
 from .params import mark_only_lora_as_trainable
-from .sharing import refuse_shared_targets
+from .sharing import module_places, refuse_shared_targets
 from .state import STATE_ATTR, LoRAState, adapted_weights, lora_state, require_adapted
 from .surgery import adapt, strip_lora, target_tensors
 from .targets import find_targets
@@ -56,8 +56,9 @@ def inject_lora(
     if state is None:
         state = LoRAState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.__dict__[STATE_ATTR] = state
+    places = module_places(model)
     for target in targets:
-        adapt(target, config, adapter_name, state, model)
+        adapt(target, config, adapter_name, state, places)
     state.configs[adapter_name] = config
     set_adapter(model, adapter_name)
     mark_only_lora_as_trainable(model, adapter_name, config.trainable_modules)

@@ -8,12 +8,12 @@ until then lightning-lora refuses such a target at injection, naming both module
 a merge that would write into a tensor some other module reads (aliasing made after injection).
 
 A module object registered under several names is *not* aliasing: it is one module, its adapter
-is applied wherever it is used (:func:`module_paths` finds every place to put it).
+is applied wherever it is used (:func:`module_places` finds every place to put it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from torch import Tensor, nn
 
@@ -128,12 +128,15 @@ def output_layers(model: nn.Module) -> set[int]:
     return found
 
 
-def module_paths(model: nn.Module, module: nn.Module) -> Iterator[tuple[nn.Module, str]]:
-    """Every ``(parent, attribute)`` under which ``model`` holds ``module``: more than one when a
-    module is registered under several names (its adapter must go in at every one)."""
+def module_places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """For every module (by id), each ``(parent, attribute)`` under which ``model`` holds it:
+    more than one when a module is registered under several names (its adapter must go in at
+    every one). One walk for the whole model."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
     seen: set[tuple[int, str]] = set()
-    for _, candidate in model.named_modules(remove_duplicate=False):
-        for child_name, child in candidate._modules.items():
-            if child is module and (id(candidate), child_name) not in seen:
-                seen.add((id(candidate), child_name))
-                yield candidate, child_name
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None and (id(parent), attr) not in seen:
+                seen.add((id(parent), attr))
+                places.setdefault(id(child), []).append((parent, attr))
+    return places

@@ -23,7 +23,6 @@ from .config import LoRAConfig
 from .errors import LoRAStateError, LoRATargetError
 from .layers import LoRALayer, LoRALinear, LoRAParametrization
 from .names import block_rows, weight_name
-from .sharing import module_paths
 from .state import STATE_ATTR, LoRAState, lora_state
 from .targets import Selected
 
@@ -34,11 +33,16 @@ _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
 def adapt(
-    target: Selected, config: LoRAConfig, adapter_name: str, state: LoRAState, model: nn.Module | None = None
+    target: Selected,
+    config: LoRAConfig,
+    adapter_name: str,
+    state: LoRAState,
+    places: dict[int, list[tuple[nn.Module, str]]] | None = None,
 ) -> None:
     """Give the selected module adapter ``adapter_name``: a new LoRA layer, or a new adapter in
-    the layer it already has. A new ``LoRALinear`` replaces the module under every name
-    ``model`` has for it (only under ``target.name`` without ``model``)."""
+    the layer it already has. A new ``LoRALinear`` replaces the module under every
+    ``(parent, attribute)`` that ``places`` (:func:`~lightning_lora.sharing.module_places`)
+    lists for it; without ``places``, under ``target.name`` only."""
     module, parent = target.module, target.parent
     if isinstance(module, LoRALinear):
         _add(module, config, adapter_name, module.weight)
@@ -49,8 +53,8 @@ def adapt(
     else:
         wrapped = LoRALinear(module)
         _add(wrapped, config, adapter_name, module.weight)
-        places = list(module_paths(model, module)) if model is not None else []
-        for holder, attr in places or [(parent, target.name.rsplit(".", 1)[-1])]:
+        where = (places or {}).get(id(module)) or [(parent, target.name.rsplit(".", 1)[-1])]
+        for holder, attr in where:
             setattr(holder, attr, wrapped)
 
 
