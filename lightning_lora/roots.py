@@ -27,6 +27,8 @@ from torch import nn
 
 from .errors import AdapterFileError, LoRATargetError
 from .names import FILE_PREFIX, parse_weight_name
+from .params import trainable_module_names
+from .state import adapted_weights
 
 if TYPE_CHECKING:
     from .io import AdapterFile
@@ -53,9 +55,6 @@ def default_adapter_root(model: nn.Module, owners: Iterable[str] | None = None) 
     if _servable(model):
         return None
     if owners is None:
-        from .params import trainable_module_names
-        from .state import adapted_weights
-
         owners = [parse_weight_name(t.name).module for t in adapted_weights(model)] + trainable_module_names(model)
     owners = list(owners)
     if not owners:

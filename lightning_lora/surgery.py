@@ -65,7 +65,7 @@ def target_tensors(target: Selected, config: LoRAConfig) -> list[tuple[str, nn.M
     if isinstance(module, LoRALinear):
         return [(target.name, module, module.weight)]
     if not isinstance(module, nn.MultiheadAttention):
-        return [(target.name, module, module.weight)]
+        return [(target.name, module, _original(module, "weight"))]
     found = []
     for proj in config.mha_projections:
         tensor = "in_proj_weight" if module._qkv_same_embed_dim else f"{proj}_proj_weight"
