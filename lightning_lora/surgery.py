@@ -1,9 +1,11 @@
 """Module surgery: putting LoRA layers into a module tree and taking them out again.
 
-Two carriers (see :mod:`lightning_lora.layers`): an ``nn.Linear`` is swapped for a
-:class:`LoRALinear` that wraps it; a weight that its owner reads directly (the fused q/k/v of an
-``nn.MultiheadAttention``, its ``out_proj``, the Linears of ``nn.TransformerEncoderLayer``, whose
-inference fast path never calls them) gets a :class:`LoRAParametrization`. Taking them out gives
+Two carriers (see :mod:`lightning_lora.layers`): a module is swapped for the wrapper its type
+calls for (:data:`~lightning_lora.targets.LAYER_TYPES`: a :class:`LoRALinear` for an
+``nn.Linear``, a ``LoRAConv`` for an ``nn.Conv2d``, ...); a weight that its owner reads directly
+(the fused q/k/v of an ``nn.MultiheadAttention``, its ``out_proj``, the Linears of
+``nn.TransformerEncoderLayer``, whose inference fast path never calls them) gets a
+:class:`LoRAParametrization`. Taking them out gives
 back the original modules, parameter order and ``requires_grad`` flags, from the
 :class:`~lightning_lora.state.LoRAState` recorded at the first injection.
 """
@@ -16,10 +18,10 @@ from torch.nn.utils import parametrize
 
 from .config import LoRAConfig
 from .errors import LoRAStateError, LoRATargetError
-from .layers import LoRALayer, LoRALinear, LoRAParametrization
+from .layers import LoRALayer, LoRAParametrization, LoRAWrapper
 from .names import block_rows
 from .state import STATE_ATTR, LoRAState, lora_state
-from .targets import Selected
+from .targets import Selected, layer_type
 
 # Parents that read their Linear children's ``.weight`` directly instead of calling them:
 # MultiheadAttention (out_proj) and TransformerEncoderLayer's inference fast path (linear1,
@@ -31,14 +33,17 @@ def adapt(target: Selected, config: LoRAConfig, adapter_name: str, state: LoRASt
     """Give the selected module adapter ``adapter_name``: a new LoRA layer, or a new adapter in
     the layer it already has."""
     module, parent = target.module, target.parent
-    if isinstance(module, LoRALinear):
+    if isinstance(module, LoRAWrapper):
         _add(module, config, adapter_name, module.weight)
     elif isinstance(module, nn.MultiheadAttention):
         _adapt_mha(module, target.name, config, adapter_name, state, target.with_out_proj)
-    elif isinstance(parent, _READS_CHILD_WEIGHTS):
+    elif isinstance(module, nn.Linear) and isinstance(parent, _READS_CHILD_WEIGHTS):
         _parametrize(module, "weight", None, "", config, adapter_name, state, target.name)
     else:
-        wrapped = LoRALinear(module)
+        kind = layer_type(module)
+        if kind is None or kind.wrapper is None:  # find_targets selects supported types only
+            raise LoRATargetError(f"{target.name!r} ({type(module).__name__}) has no LoRA wrapper.")
+        wrapped = kind.wrapper(module)
         _add(wrapped, config, adapter_name, module.weight)
         setattr(parent, target.name.rsplit(".", 1)[-1], wrapped)
 
@@ -129,10 +134,10 @@ def remove_empty_layers(model: nn.Module) -> None:
 
 
 def _remove_layers(model: nn.Module, state: LoRAState, empty_only: bool) -> None:
-    """Swap every LoRALinear back for its base layer and remove LoRA's parametrizations (with
+    """Swap every LoRA wrapper back for its base layer and remove LoRA's parametrizations (with
     ``empty_only``: only those that hold no adapter), restoring the parameters' order."""
     for path, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear) and not (empty_only and module.adapter_names):
+        if isinstance(module, LoRAWrapper) and not (empty_only and module.adapter_names):
             parent_name, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.base_layer)
     for path, module in list(model.named_modules()):

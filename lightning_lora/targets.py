@@ -3,7 +3,9 @@
 
 Patterns follow PEFT: a list entry matches a module whose name equals it or ends with ``"." +
 entry``; one string is a regular expression over the full name; ``"all-linear"`` takes every
-supported layer. Unlike PEFT, every list entry must match something, so a typo fails loudly.
+linear layer (:data:`LAYER_TYPES` says which types count, as PEFT counts them: conv and embedding
+layers are adapted only when named). Unlike PEFT, every list entry must match something, so a
+typo fails loudly.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +22,44 @@ from torch.nn.utils import parametrize
 
 from .config import ALL_LINEAR, LoRAConfig
 from .errors import LoRATargetError
-from .layers import LoRALinear
+from .layer_types import LoRAConv, LoRAConv1D, LoRAEmbedding
+from .layers import LoRALinear, LoRAWrapper
 from .names import QKV, parse_weight_name
 
-SUPPORTED = "nn.Linear (and its subclasses), nn.MultiheadAttention"
+
+@dataclass(frozen=True)
+class LayerType:
+    """A type of layer LoRA adapts: how to recognise it, the wrapper that adapts it (``None``:
+    ``nn.MultiheadAttention``, whose weights get a parametrization instead, see
+    :mod:`lightning_lora.surgery`), whether ``"all-linear"`` includes it, and which modules of
+    the type are refused (a reason, or ``None``)."""
+
+    label: str
+    matches: Callable[[nn.Module], bool]
+    wrapper: type[LoRAWrapper] | None
+    all_linear: bool
+    refusal: Callable[[nn.Module], str | None] = lambda module: None
+
+
+LAYER_TYPES = (
+    LayerType("nn.Linear (and its subclasses)", lambda m: isinstance(m, nn.Linear), LoRALinear, True),
+    LayerType("transformers Conv1D", LoRAConv1D.matches, LoRAConv1D, True),
+    LayerType("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), None, True),
+    LayerType("nn.Conv1d/2d/3d", LoRAConv.matches, LoRAConv, False, LoRAConv.refusal),
+    LayerType("nn.Embedding", LoRAEmbedding.matches, LoRAEmbedding, False, LoRAEmbedding.refusal),
+)
+"""Every layer type LoRA adapts, in one place. ``"all-linear"`` follows PEFT: linear layers
+(transformers' ``Conv1D`` included, GPT-2's projections), never conv or embedding layers."""
+
+SUPPORTED = ", ".join(t.label for t in LAYER_TYPES)
+LINEAR_TYPES = ", ".join(t.label for t in LAYER_TYPES if t.all_linear)
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The :class:`LayerType` of ``module`` (of the module it wraps, for a LoRA wrapper)."""
+    if isinstance(module, LoRAWrapper):
+        module = module.base_layer
+    return next((t for t in LAYER_TYPES if t.matches(module)), None)
 
 
 @dataclass(frozen=True)
@@ -37,8 +73,8 @@ class Selected:
 
 
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
-    """(name, module, parent) for every module a pattern may name: a LoRALinear stands for the
-    Linear it wraps, and LoRA's own internals (banks, parametrizations) are never candidates."""
+    """(name, module, parent) for every module a pattern may name: a LoRA wrapper stands for the
+    module it wraps, and LoRA's own internals (banks, parametrizations) are never candidates."""
     seen: set[int] = set()
 
     def visit(prefix: str, module: nn.Module, parent: nn.Module | None) -> Iterator[Any]:
@@ -47,7 +83,7 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]
         seen.add(id(module))
         if prefix:
             yield prefix, module, parent
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAWrapper):
             return
         for child_name, child in module.named_children():
             if child_name == "parametrizations" and parametrize.is_parametrized(module):
@@ -58,7 +94,12 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]
 
 
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LoRALinear, nn.MultiheadAttention))
+    return layer_type(module) is not None
+
+
+def _linear(module: nn.Module) -> bool:
+    kind = layer_type(module)
+    return kind is not None and kind.all_linear
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -109,11 +150,12 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
     adaptable = [n for n, m, _ in walked if _supported(m)]
     spec = config.target_modules
     if spec == ALL_LINEAR:
-        chosen = [(n, m, p) for n, m, p in walked if _supported(m)]
+        chosen = [(n, m, p) for n, m, p in walked if _linear(m)]
         if not chosen:
             raise LoRATargetError(
-                f"target_modules='{ALL_LINEAR}' found no {SUPPORTED} in {type(model).__name__}; "
-                f"LoRA needs at least one such layer (the root module itself is never replaced)."
+                f"target_modules='{ALL_LINEAR}' found no {LINEAR_TYPES} in {type(model).__name__}; "
+                f"LoRA needs at least one such layer (the root module itself is never replaced). Conv and "
+                f"embedding layers are adapted when named: target_modules=[...]."
             )
     elif isinstance(spec, str):
         regex = re.compile(spec)
@@ -143,6 +185,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
         return name not in excluded and not inside_trainable
 
     chosen = [(n, m, p) for n, m, p in chosen if kept(n)]
+    _refuse_inexact(chosen, spec)
     names = {n for n, _, _ in chosen}
     # An out_proj inside a chosen MultiheadAttention is adapted with it, not on its own.
     chosen = [
@@ -154,6 +197,19 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
             f"trainable_modules remove; nothing is left to adapt."
         )
     return [Selected(n, m, p, with_out_proj=f"{n}.out_proj" not in excluded) for n, m, p in chosen]
+
+
+def _refuse_inexact(chosen: list[tuple[str, nn.Module, nn.Module | None]], spec: Any) -> None:
+    """Refuse a selected module of a supported type that LoRA cannot adapt exactly (a grouped
+    conv, an embedding with ``max_norm``, ...), naming it, the reason and the fix."""
+    for name, module, _ in chosen:
+        kind = layer_type(module)
+        reason = kind.refusal(module) if kind is not None and not isinstance(module, LoRAWrapper) else None
+        if reason:
+            raise LoRATargetError(
+                f"target_modules={spec!r} selects {name!r} ({type(module).__name__}), which LoRA cannot adapt "
+                f"exactly: {reason}. Leave it out: exclude_modules=[{name!r}]."
+            )
 
 
 def _prefix_hint(missing: str, module_names: Iterable[str]) -> str:
