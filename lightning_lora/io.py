@@ -2,16 +2,18 @@
 
 A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and
 ``adapter_model.safetensors`` with keys ``base_model.model.<weight>.lora_A.weight`` /
-``.lora_B.weight`` and, for ``trainable_modules``, ``base_model.model.<module>.<tensor>``.
-``<weight>`` is the adapted weight's name (:mod:`lightning_lora.names`): the module name for an
-``nn.Linear`` (exactly PEFT's key), ``attn.in_proj_weight[q]`` for a block of an
-``nn.MultiheadAttention`` (a lightning-lora extension PEFT does not read).
+``.lora_B.weight`` (``.lora_embedding_A`` / ``_B`` for an ``nn.Embedding``) and, for
+``trainable_modules``, ``base_model.model.<module>.<tensor>``. ``<weight>`` is the adapted
+weight's name (:mod:`lightning_lora.names`): the module name for a layer (exactly PEFT's key),
+``attn.in_proj_weight[q]`` for a block of an ``nn.MultiheadAttention`` (a lightning-lora
+extension PEFT does not read). Tensors have PEFT's shapes: a conv's ``lora_A`` is a kernel
+``(r, in, *k)`` and its ``lora_B`` a 1×1 conv ``(out, r, 1, ...)``.
 ``peft.PeftModel.from_pretrained`` loads our files, and
 :func:`~lightning_lora.load.load_adapter` loads what PEFT's ``save_pretrained`` writes
-(:mod:`lightning_lora.peft_format` says which files are accepted). What
-PEFT has no field for (our ``init``, ``mha_projections``, ``adapter_dtype``) rides in the
-safetensors metadata, which PEFT ignores, together with a copy of the fields that set the math,
-so a pair of files from two different saves is detected.
+(:mod:`lightning_lora.peft_format` says which files are accepted). What PEFT has no field for
+(our ``init``, ``mha_projections``, ``adapter_dtype``, which weights are stored transposed)
+rides in the safetensors metadata, which PEFT ignores, together with a copy of the fields that
+set the math, so a pair of files from two different saves is detected.
 
 Reading never trusts a file: tensors come from safetensors only (no pickle), and
 :func:`read_adapter` checks the two files against each other before any model is touched.
@@ -43,6 +45,7 @@ from .peft_format import (
     check_peft_config,
     pattern_value,
     peft_config_dict,
+    transposed_weights,
 )
 from .state import lora_config
 
@@ -94,7 +97,8 @@ def _fsync_directory(directory: Path) -> None:
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """The adapter's tensors under the file's keys (:mod:`lightning_lora.names`): ``lora_A``
-    ``(r, d_in)`` and ``lora_B`` ``(d_out, r)`` per adapted weight, and the ``trainable_modules``'
+    ``(r, d_in)`` and ``lora_B`` ``(d_out, r)`` per adapted weight (a conv's as kernels, see
+    :meth:`~lightning_lora.layers.LoRALayer.adapter_shapes`), and the ``trainable_modules``'
     state under ``base_model.model.<module>.<tensor>``."""
     return {e.file_key: e.tensor.detach() for e in adapter_entries(model, adapter_name)}
 
@@ -124,6 +128,7 @@ def save_adapter(
         "adapter_dtype": config.adapter_dtype,
         "target_patterns": config.target_modules,
         "trainable_patterns": config.trainable_modules,
+        "fan_in_fan_out": transposed_weights(model, adapter_name),
         "config": {k: peft[k] for k in MATH_KEYS},
     }
     metadata = {"format": "pt", METADATA_KEY: json.dumps(extras)}
@@ -182,8 +187,10 @@ def read_adapter_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
 class AdapterFile:
     """An adapter directory, read and checked on its own, before any model is touched.
 
-    ``pairs`` maps each adapted weight's name to ``(A (r, d_in), B (d_out, r))``; ``trainable``
-    holds the trainable modules' tensors under the model's state-dict keys.
+    ``pairs`` maps each adapted weight's name to ``(A, B)`` as stored (``(r, d_in)`` and
+    ``(d_out, r)``; a conv's as kernels: :meth:`update` gives the matrices); ``trainable`` holds
+    the trainable modules' tensors under the model's state-dict keys; ``embedding`` names the
+    weights keyed as PEFT keys an ``nn.Embedding`` (``lora_embedding_A``).
     """
 
     path: Path
@@ -191,6 +198,7 @@ class AdapterFile:
     pairs: dict[str, tuple[Tensor, Tensor]]
     trainable: dict[str, Tensor]
     extras: dict[str, Any]
+    embedding: frozenset[str] = frozenset()
 
     def rank(self, name: str) -> int:
         return int(self.pairs[name][0].shape[0])
@@ -211,9 +219,9 @@ class AdapterFile:
         return self.spec(name).scale
 
     def update(self, name: str) -> Update:
-        """``(A, B, scale)`` of weight ``name``."""
+        """``(A (r, d_in), B (d_out, r), scale)`` of weight ``name``: matrices, whatever the layer."""
         A, B = self.pairs[name]
-        return A, B, self.scaling(name)
+        return A.flatten(1), B.flatten(1), self.scaling(name)
 
     def delta_weight(self, name: str) -> Tensor:
         """``ΔW = scale · B A`` of shape ``(d_out, d_in)``, in float32."""
@@ -222,8 +230,9 @@ class AdapterFile:
     def delta_norm(self, name: str) -> float:
         """``‖ΔW‖_F`` without forming ΔW: ``‖s·BA‖²_F = s² · Σ (BᵀB) ⊙ (AAᵀ)``, two ``r × r``
         products in float64."""
-        A, B = (t.double() for t in self.pairs[name])
-        return abs(self.scaling(name)) * float(((B.T @ B) * (A @ A.T)).sum().clamp(min=0).sqrt())
+        A, B, scale = self.update(name)
+        A, B = A.double(), B.double()
+        return abs(scale) * float(((B.T @ B) * (A @ A.T)).sum().clamp(min=0).sqrt())
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
@@ -244,14 +253,17 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             )
     halves: dict[str, dict[str, Tensor]] = {}
     trainable: dict[str, Tensor] = {}
+    embedding: set[str] = set()
     for key, tensor in tensors.items():
         parsed = parse_file_key(key)
         if parsed:
-            halves.setdefault(parsed[0], {})[f"lora_{parsed[1]}"] = tensor
+            halves.setdefault(parsed.name, {})[f"lora_{parsed.part}"] = tensor
+            if parsed.embedding:
+                embedding.add(parsed.name)
         elif re.search(r"\.lora_\w+", key):
             raise AdapterFileError(
                 f"{file} holds {key!r}, a LoRA tensor of a kind lightning-lora does not implement "
-                f"(it loads lora_A/lora_B pairs for nn.Linear and nn.MultiheadAttention)."
+                f"(it loads lora_A/lora_B and lora_embedding_A/lora_embedding_B pairs)."
             )
         else:
             trainable[key.removeprefix(FILE_PREFIX)] = tensor
@@ -266,11 +278,17 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             )
         A, B = ab["lora_A"], ab["lora_B"]
         expected = int(pattern_value(config.get("rank_pattern") or {}, name, config["r"]))
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != expected or B.shape[1] != expected:
+        if A.dim() < 2 or B.dim() != A.dim() or A.shape[0] != expected or B.shape[1] != expected:
             raise AdapterFileError(
                 f"{Path(path) / ADAPTER_CONFIG} says r={expected} for {name!r}, but {file} has "
                 f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} (expected ({expected}, d_in) and "
-                f"(d_out, {expected})); the files do not belong together."
+                f"(d_out, {expected}), or a conv's ({expected}, in, *kernel) and (d_out, {expected}, 1, ...)); "
+                f"the files do not belong together."
+            )
+        if any(n != 1 for n in B.shape[2:]):
+            raise AdapterFileError(
+                f"{file} has lora_B {tuple(B.shape)} for {name!r}: a conv adapter's B must be a 1×1 kernel "
+                f"(PEFT's layout); lightning-lora does not implement other kernels for B."
             )
         pairs[name] = (A, B)
-    return AdapterFile(Path(path), config, pairs, trainable, extras)
+    return AdapterFile(Path(path), config, pairs, trainable, extras, frozenset(embedding))
