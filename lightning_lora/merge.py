@@ -19,8 +19,10 @@ from .state import AdaptedWeight, require_adapted
 def merge_lora(model: nn.Module, adapter_names: str | Iterable[str] | None = None, safe: bool = True) -> None:
     """``W ← W + ΔW`` for the active adapters (or ``adapter_names``), computed in float32 and
     cast once to ``W``'s dtype. With ``safe``, every result is checked for NaN/Inf before any
-    weight is written, so a poisoned adapter leaves the whole model untouched."""
+    weight is written, so a poisoned adapter leaves the whole model untouched. A weight tied to
+    another module (one tensor under two names) is refused before anything is written."""
     plan = _merge_plan(require_adapted(model, "merge"), adapter_names)
+    _refuse_tied(model, plan)
     if safe:
         bad = first_nonfinite(t.layer.merged_region(t.weight, names).to(t.weight.dtype) for t, names in plan)
         if bad is not None:
@@ -54,6 +56,25 @@ def _merge_plan(
     if not plan:
         raise LoRAStateError("nothing to merge: no active adapter (see set_adapter).")
     return plan
+
+
+def _refuse_tied(model: nn.Module, plan: list[tuple[AdaptedWeight, list[str]]]) -> None:
+    """Refuse to merge into a weight that other modules share (tied input and output
+    embeddings): ``W + ΔW`` would reach them too, though the adapter only adds to one of them,
+    so the merged model would compute something the trained one never did."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for target, _ in plan:
+        names = owners.get(id(target.weight), [])
+        if len(names) > 1:
+            others = [n for n in names if not n.startswith(f"{target.path}.")] or names[1:]
+            raise LoRAStateError(
+                f"cannot merge into {target.name!r}: its weight is one tensor with {others} (tied weights), so ΔW "
+                f"would change {others[0]!r} as well, which the adapter does not update; no weight was changed. "
+                f"Keep the adapter unmerged (unload_lora(model, merge=False), or LoRACallback(merge_on_fit_end="
+                f"False)), or untie the weights before injecting (e.g. tie_word_embeddings=False)."
+            )
 
 
 def unmerge_lora(model: nn.Module) -> None:
