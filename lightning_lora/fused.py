@@ -31,11 +31,13 @@ measure it), ``"never"`` turns it off.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from . import quantized
 
 FAST_PATH_MODES = ("auto", "always", "never")
 _mode = "auto"
@@ -157,3 +159,83 @@ def lora_linear(
     :class:`LoRALinearFunction`. ``weight`` and ``bias`` must not require gradients; all tensors
     share one dtype."""
     return LoRALinearFunction.apply(x, weight, bias, A, B, scaling, x_adapter)
+
+
+def fits_quantized(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """:class:`LoRAQuantizedFunction` applies to a frozen bitsandbytes 4-/8-bit base with no
+    hooks of its own, when ``x`` and the adapter share one dtype outside autocast."""
+    if not quantized.is_quantized(base) or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    return x.dtype == A.dtype == B.dtype and not torch.is_autocast_enabled(x.device.type)
+
+
+class LoRAQuantizedFunction(torch.autograd.Function):
+    """``y = base(x) + s · x_a Aᵀ Bᵀ`` over a frozen quantized ``base`` (QLoRA).
+
+    The base computes its own output (its packed kernel) without autograd; the LoRA output is
+    accumulated into it in place (``addmm_``, the scale in the GEMM's alpha). Backward needs
+    the base only for ``dx``: ``dy · W`` with ``W`` dequantized for that one product, which is
+    what bitsandbytes' own backward does; ``dA``/``dB`` come from the saved ``x_a`` and
+    ``a = x_a Aᵀ``, as in :class:`LoRALinearFunction`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        A: Tensor,
+        B: Tensor,
+        scaling: float,
+        x_adapter: Tensor | None,
+        base: nn.Module,
+    ) -> Tensor:
+        y = base(x)  # autograd is off inside forward: the base saves nothing for backward
+        xa2 = (x if x_adapter is None else x_adapter).reshape(-1, x.shape[-1])
+        a = xa2 @ A.t()  # (N, r)
+        y.view(-1, y.shape[-1]).addmm_(a, B.t(), alpha=scaling)
+        ctx.save_for_backward(xa2, a, A, B)
+        ctx.scaling, ctx.base = scaling, base
+        ctx.separate_adapter_input = x_adapter is not None
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        xa2, a, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need_x, need_A, need_B, _, need_xa, _ = ctx.needs_input_grad
+        g = a.new_empty(a.shape).addmm_(dy2.to(a.dtype), B, beta=0, alpha=s)  # s · dy B  (N, r)
+        dA = g.t() @ xa2 if need_A else None
+        dB = B.new_empty(B.shape).addmm_(dy2.t().to(a.dtype), a, beta=0, alpha=s) if need_B else None
+        dx = dxa = None
+        if need_x:
+            dx2 = dy2 @ quantized.dequantized(ctx.base, dy.dtype)  # the frozen part, W dequantized once
+            if not ctx.separate_adapter_input:
+                dx2.addmm_(g.to(dx2.dtype), A.to(dx2.dtype))
+            dx = dx2.view(ctx.x_shape)
+        if ctx.separate_adapter_input and need_xa:
+            dxa = (g @ A).view(ctx.x_shape)
+        return dx, dA, dB, None, dxa, None
+
+
+def lora_quantized(
+    x: Tensor, base: nn.Module, A: Tensor, B: Tensor, scaling: float, x_adapter: Tensor | None = None
+) -> Tensor:
+    """``base(x) + scaling · x_adapter Aᵀ Bᵀ`` through :class:`LoRAQuantizedFunction`."""
+    return LoRAQuantizedFunction.apply(x, A, B, scaling, x_adapter, base)
+
+
+FastForward = Callable[[Tensor, Tensor, Tensor, float, "Tensor | None"], Tensor]
+
+
+def fast_forward(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> FastForward | None:
+    """The fast path for this base and these tensors, as ``run(x, A, B, scale, x_adapter)``, or
+    ``None`` when only the reference formula applies."""
+    if fits(base, x, A, B):
+        return lambda x, A, B, s, xa: lora_linear(x, base.weight, base.bias, A, B, s, xa)
+    if fits_quantized(base, x, A, B):
+        return lambda x, A, B, s, xa: lora_quantized(x, base, A, B, s, xa)
+    return None
