@@ -25,6 +25,7 @@ import time
 
 import torch
 from gpu_benchmark import ALPHA, TARGETS, Bench, R, build_model, head_loss, optimizer_for
+from profiling import profile_kernels
 
 from lightning_lora import inject_lora, load_adapter, lora_parameters
 from lightning_lora.fused import fast_path
@@ -77,7 +78,7 @@ def qlora_model(bench: Bench, setup: str):
     return peft_model.get_base_model(), params
 
 
-def run_qlora(bench: Bench, name: str, setup: str) -> None:
+def run_qlora(bench: Bench, name: str, setup: str, profile: bool = False) -> None:
     model, params = qlora_model(bench, setup)
     optimizer = optimizer_for(bench, params)
     autocast = (
@@ -97,12 +98,14 @@ def run_qlora(bench: Bench, name: str, setup: str) -> None:
 
     with fast_path("never" if setup == "ours-reference" else "auto"):
         times, peak = bench.time_steps(step, bench.args.warmup, bench.args.steps)
+        prof = profile_kernels(bench, step) if profile else None
     bench.record(
         group="qlora",
         config=name,
         setup=setup,
         times=times,
         peak_gib=peak,
+        profile=prof,
         trainable=sum(p.numel() for p in params),
     )  # the main loop frees the model once this returns
 
@@ -167,11 +170,12 @@ def run_qlora_callback(bench: Bench, name: str) -> None:
             merged_logits = merged(input_ids=bench.ids[:1]).logits.float()
         del module, merged, trainer
         bench.free()
-        fresh = build_model(bench)
-        quantize_decoder(fresh, bench.device)
+        fresh = torch.nn.Module()  # the adapter's names start at the LightningModule: "lm.model..."
+        fresh.lm = build_model(bench)
+        quantize_decoder(fresh.lm, bench.device)
         load_adapter(fresh, f"{tmp}/adapter")
         with torch.inference_mode():
-            adapter_logits = fresh(input_ids=bench.ids[:1]).logits.float()
+            adapter_logits = fresh.lm(input_ids=bench.ids[:1]).logits.float()
     rel = float((merged_logits - adapter_logits).norm() / adapter_logits.norm())
     bench.record(
         group="qlora",
