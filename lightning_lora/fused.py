@@ -92,7 +92,11 @@ def fits(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
 
 class LoRALinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b + s · x_a Aᵀ Bᵀ`` with a frozen ``W`` and ``b``; ``x_a`` is ``x`` or
-    ``dropout(x)``. Gradients for ``x``, ``A``, ``B`` (and ``x_adapter``); none for ``W``, ``b``."""
+    ``dropout(x)``. Gradients for ``x``, ``A``, ``B`` (and ``x_adapter``); none for ``W``, ``b``.
+
+    ``weight`` is the frozen ``(d_out, d_in)`` tensor, or ``None`` with ``quantized_base`` a
+    bitsandbytes 4/8-bit layer (QLoRA): its ``W`` is then dequantized for the forward GEMM and
+    again for ``dx`` in backward, and never saved, as bitsandbytes' own layers do."""
 
     @staticmethod
     def forward(
@@ -104,8 +108,10 @@ class LoRALinearFunction(torch.autograd.Function):
         B: Tensor,
         scaling: float,
         x_adapter: Tensor | None,
+        quantized_base: nn.Module | None = None,
     ) -> Tensor:
         lead = x.shape[:-1]
+        W = weight if quantized_base is None else quantized.dequantized(quantized_base, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, x_adapter.shape[-1])
         a = xa2 @ A.t()  # (N, r)
@@ -115,9 +121,9 @@ class LoRALinearFunction(torch.autograd.Function):
             y = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, B.t(), beta=0, alpha=scaling)
         else:
             y = torch.addmm(bias, a, B.t(), alpha=scaling)
-        y.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
-        ctx.save_for_backward(xa2, a, weight, A, B)
-        ctx.scaling = scaling
+        y.addmm_(x2, W.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
+        ctx.save_for_backward(xa2, a, weight, A, B)  # weight is None over a quantized base
+        ctx.scaling, ctx.quantized_base = scaling, quantized_base
         ctx.separate_adapter_input = x_adapter is not None
         ctx.x_shape, ctx.xa_shape = x.shape, (x_adapter.shape if x_adapter is not None else None)
         return y.view(*lead, y.shape[-1])
@@ -125,9 +131,11 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
         xa2, a, weight, A, B = ctx.saved_tensors
+        if ctx.quantized_base is not None:
+            weight = quantized.dequantized(ctx.quantized_base, dy.dtype)
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
-        need_x, _, _, need_A, need_B, _, need_xa = ctx.needs_input_grad
+        need_x, _, _, need_A, need_B, _, need_xa = ctx.needs_input_grad[:7]
         g = None
         if need_A or need_x or need_xa:  # g = s · dy B  (N, r)
             g = a.new_empty(a.shape).addmm_(dy2, B, beta=0, alpha=s)
@@ -143,7 +151,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dx2 = g @ A  # (N, d_in) LoRA part ...
             dx2.addmm_(dy2, weight)  # ... and the frozen GEMM adds the base part into it
             dx = dx2.view(ctx.x_shape)
-        return dx, None, None, dA, dB, None, dxa
+        return (dx, None, None, dA, dB, None, dxa, None)[: len(ctx.needs_input_grad)]
 
 
 def lora_linear(
@@ -161,71 +169,23 @@ def lora_linear(
     return LoRALinearFunction.apply(x, weight, bias, A, B, scaling, x_adapter)
 
 
+# Below this many rows bitsandbytes multiplies with its own 4-bit kernel (0.50.2 on CUDA:
+# ``_gemm_4bit_custom_max_m``), faster than dequantize + GEMM; above it, it dequantizes and calls
+# a GEMM itself, which is what the fast path does with the LoRA product folded in.
+QUANTIZED_MIN_ROWS = 257
+
+
 def fits_quantized(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
-    """:class:`LoRAQuantizedFunction` applies to a frozen bitsandbytes 4-/8-bit base with no
-    hooks of its own, when ``x`` and the adapter share one dtype outside autocast."""
+    """The fast path applies to a frozen bitsandbytes 4/8-bit base with no hooks of its own,
+    for at least :data:`QUANTIZED_MIN_ROWS` rows computed in the base's compute dtype, with the
+    adapter in the same dtype, outside autocast."""
     if not quantized.is_quantized(base) or base._forward_hooks or base._forward_pre_hooks:
         return False
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return False
+    if x.numel() < QUANTIZED_MIN_ROWS * x.shape[-1] or x.dtype != quantized.compute_dtype(base):
+        return False
     return x.dtype == A.dtype == B.dtype and not torch.is_autocast_enabled(x.device.type)
-
-
-class LoRAQuantizedFunction(torch.autograd.Function):
-    """``y = base(x) + s · x_a Aᵀ Bᵀ`` over a frozen quantized ``base`` (QLoRA).
-
-    The base computes its own output (its packed kernel) without autograd; the LoRA output is
-    accumulated into it in place (``addmm_``, the scale in the GEMM's alpha). Backward needs
-    the base only for ``dx``: ``dy · W`` with ``W`` dequantized for that one product, which is
-    what bitsandbytes' own backward does; ``dA``/``dB`` come from the saved ``x_a`` and
-    ``a = x_a Aᵀ``, as in :class:`LoRALinearFunction`.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        A: Tensor,
-        B: Tensor,
-        scaling: float,
-        x_adapter: Tensor | None,
-        base: nn.Module,
-    ) -> Tensor:
-        y = base(x)  # autograd is off inside forward: the base saves nothing for backward
-        xa2 = (x if x_adapter is None else x_adapter).reshape(-1, x.shape[-1])
-        a = xa2 @ A.t()  # (N, r)
-        y.view(-1, y.shape[-1]).addmm_(a, B.t(), alpha=scaling)
-        ctx.save_for_backward(xa2, a, A, B)
-        ctx.scaling, ctx.base = scaling, base
-        ctx.separate_adapter_input = x_adapter is not None
-        ctx.x_shape = x.shape
-        return y
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        xa2, a, A, B = ctx.saved_tensors
-        s = ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        need_x, need_A, need_B, _, need_xa, _ = ctx.needs_input_grad
-        g = a.new_empty(a.shape).addmm_(dy2.to(a.dtype), B, beta=0, alpha=s)  # s · dy B  (N, r)
-        dA = g.t() @ xa2 if need_A else None
-        dB = B.new_empty(B.shape).addmm_(dy2.t().to(a.dtype), a, beta=0, alpha=s) if need_B else None
-        dx = dxa = None
-        if need_x:
-            dx2 = dy2 @ quantized.dequantized(ctx.base, dy.dtype)  # the frozen part, W dequantized once
-            if not ctx.separate_adapter_input:
-                dx2.addmm_(g.to(dx2.dtype), A.to(dx2.dtype))
-            dx = dx2.view(ctx.x_shape)
-        if ctx.separate_adapter_input and need_xa:
-            dxa = (g @ A).view(ctx.x_shape)
-        return dx, dA, dB, None, dxa, None
-
-
-def lora_quantized(
-    x: Tensor, base: nn.Module, A: Tensor, B: Tensor, scaling: float, x_adapter: Tensor | None = None
-) -> Tensor:
-    """``base(x) + scaling · x_adapter Aᵀ Bᵀ`` through :class:`LoRAQuantizedFunction`."""
-    return LoRAQuantizedFunction.apply(x, A, B, scaling, x_adapter, base)
 
 
 FastForward = Callable[[Tensor, Tensor, Tensor, float, "Tensor | None"], Tensor]
@@ -237,5 +197,10 @@ def fast_forward(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> FastForwar
     if fits(base, x, A, B):
         return lambda x, A, B, s, xa: lora_linear(x, base.weight, base.bias, A, B, s, xa)
     if fits_quantized(base, x, A, B):
-        return lambda x, A, B, s, xa: lora_quantized(x, base, A, B, s, xa)
+        return lambda x, A, B, s, xa: LoRALinearFunction.apply(x, None, _bias(base, x), A, B, s, xa, base)
     return None
+
+
+def _bias(base: nn.Module, x: Tensor) -> Tensor | None:
+    """A quantized layer's bias in the compute dtype (bitsandbytes keeps it in the load dtype)."""
+    return None if base.bias is None else base.bias.to(x.dtype)

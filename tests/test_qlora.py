@@ -80,7 +80,7 @@ def test_fast_path_equals_the_formula_over_the_dequantized_weight_forward_and_ba
     model = trained(Net(kind))
     layer = model.up
     dtype = layer.lora_A["default"].dtype
-    x = torch.randn(2, 5, D_IN, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 150, D_IN, dtype=dtype, requires_grad=True)  # 300 rows: past bitsandbytes' own kernel
     W = dequantized(layer.base_layer)
     A, B = layer.lora_A["default"], layer.lora_B["default"]
     results = {}
@@ -88,7 +88,7 @@ def test_fast_path_equals_the_formula_over_the_dequantized_weight_forward_and_ba
         with fast_path(mode):
             y = layer(x)
             y.float().square().sum().backward()
-        assert (type(y.grad_fn).__name__ == "LoRAQuantizedFunctionBackward") == (mode == "always")
+        assert (type(y.grad_fn).__name__ == "LoRALinearFunctionBackward") == (mode == "always")
         results[mode] = (y.detach().float(), x.grad.clone(), A.grad.clone(), B.grad.clone())
         x.grad = A.grad = B.grad = None
     formula = (
@@ -96,10 +96,19 @@ def test_fast_path_equals_the_formula_over_the_dequantized_weight_forward_and_ba
         + layer.base_layer.bias.float()
         + 2.0 * (x.detach().float() @ A.float().T) @ B.float().T
     )
-    tol = {"atol": 3e-2, "rtol": 3e-2}
-    torch.testing.assert_close(results["always"][0], formula, **tol)
-    for fast, reference in zip(results["always"], results["never"], strict=True):
-        torch.testing.assert_close(fast.float(), reference.float(), **tol)
+    assert relative_error(results["always"][0], formula) < 1e-2
+    for fast, reference in zip(results["always"], results["never"], strict=True):  # y, dx, dA, dB
+        assert relative_error(fast, reference) < 1e-2  # bf16: sums over 300 rows round differently
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
+def test_few_rows_keep_the_bitsandbytes_kernel_of_the_base():
+    layer = trained(Net()).up
+    y = layer(torch.randn(4, D_IN, dtype=torch.bfloat16, requires_grad=True))  # e.g. generation
+    assert type(y.grad_fn).__name__ != "LoRALinearFunctionBackward"
 
 
 def test_merge_lora_refuses_a_packed_weight_and_changes_nothing():

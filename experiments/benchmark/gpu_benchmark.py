@@ -501,6 +501,9 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
         ("qlora peft autocast", eager, lambda: qlora.run_qlora(b, "qlora peft autocast", "peft-autocast")),
         ("qlora ours reference", eager, lambda: qlora.run_qlora(b, "qlora ours, reference path", "ours-reference")),
         ("qlora callback", 60, lambda: qlora.run_qlora_callback(b, "qlora callback")),
+        ("qlora floor repeat", eager, lambda: qlora.run_qlora(b, "qlora floor (repeat)", "floor")),
+        ("qlora ours repeat", eager, lambda: qlora.run_qlora(b, "qlora ours (repeat)", "ours")),
+        ("qlora peft repeat", eager, lambda: qlora.run_qlora(b, "qlora peft (repeat)", "peft")),
     ]  # fmt: skip
 
 

@@ -171,7 +171,7 @@ def run_qlora_callback(bench: Bench, name: str) -> None:
         del module, merged, trainer
         bench.free()
         fresh = torch.nn.Module()  # the adapter's names start at the LightningModule: "lm.model..."
-        fresh.lm = build_model(bench)
+        fresh.lm = build_model(bench, device=torch.device("cpu")).to(bench.device)  # the same random weights
         quantize_decoder(fresh.lm, bench.device)
         load_adapter(fresh, f"{tmp}/adapter")
         with torch.inference_mode():
