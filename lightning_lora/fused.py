@@ -95,8 +95,8 @@ class LoRALinearFunction(torch.autograd.Function):
     ``dropout(x)``. Gradients for ``x``, ``A``, ``B`` (and ``x_adapter``); none for ``W``, ``b``.
 
     ``weight`` is the frozen ``(d_out, d_in)`` tensor, or ``None`` with ``quantized_base`` a
-    bitsandbytes 4/8-bit layer (QLoRA): its ``W`` is then dequantized for the forward GEMM and
-    again for ``dx`` in backward, and never saved, as bitsandbytes' own layers do."""
+    bitsandbytes 4/8-bit layer (QLoRA): the base then computes ``x Wᵀ + b`` itself, and its
+    ``W`` is dequantized for ``dx`` in backward, never saved, as bitsandbytes' own layers do."""
 
     @staticmethod
     def forward(
@@ -111,17 +111,23 @@ class LoRALinearFunction(torch.autograd.Function):
         quantized_base: nn.Module | None = None,
     ) -> Tensor:
         lead = x.shape[:-1]
-        W = weight if quantized_base is None else quantized.dequantized(quantized_base, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, x_adapter.shape[-1])
         a = xa2 @ A.t()  # (N, r)
-        # y = s · a Bᵀ (+ b): the scale rides in the GEMM's alpha (no kernel of its own); beta = 0
-        # means y's uninitialised contents are never read.
-        if bias is None:
-            y = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, B.t(), beta=0, alpha=scaling)
+        if quantized_base is not None:
+            # The base multiplies with its own kernel (bitsandbytes dequantizes and calls a GEMM
+            # in one op); autograd is off in here, so it saves nothing. The LoRA part is added
+            # in place, the scale in the GEMM's alpha.
+            y = quantized_base(x2)
+            y.addmm_(a, B.t(), alpha=scaling)
         else:
-            y = torch.addmm(bias, a, B.t(), alpha=scaling)
-        y.addmm_(x2, W.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
+            # y = s · a Bᵀ (+ b): the scale rides in the GEMM's alpha (no kernel of its own);
+            # beta = 0 means y's uninitialised contents are never read.
+            if bias is None:
+                y = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, B.t(), beta=0, alpha=scaling)
+            else:
+                y = torch.addmm(bias, a, B.t(), alpha=scaling)
+            y.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
         ctx.save_for_backward(xa2, a, weight, A, B)  # weight is None over a quantized base
         ctx.scaling, ctx.quantized_base = scaling, quantized_base
         ctx.separate_adapter_input = x_adapter is not None
@@ -169,9 +175,8 @@ def lora_linear(
     return LoRALinearFunction.apply(x, weight, bias, A, B, scaling, x_adapter)
 
 
-# Below this many rows bitsandbytes multiplies with its own 4-bit kernel (0.50.2 on CUDA:
-# ``_gemm_4bit_custom_max_m``), faster than dequantize + GEMM; above it, it dequantizes and calls
-# a GEMM itself, which is what the fast path does with the LoRA product folded in.
+# Below this many rows the reference path is as fast (the base's kernel dominates, and
+# bitsandbytes 0.50.2 switches to its own small-batch kernel at 256 rows on CUDA).
 QUANTIZED_MIN_ROWS = 257
 
 
@@ -197,10 +202,5 @@ def fast_forward(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> FastForwar
     if fits(base, x, A, B):
         return lambda x, A, B, s, xa: lora_linear(x, base.weight, base.bias, A, B, s, xa)
     if fits_quantized(base, x, A, B):
-        return lambda x, A, B, s, xa: LoRALinearFunction.apply(x, None, _bias(base, x), A, B, s, xa, base)
+        return lambda x, A, B, s, xa: LoRALinearFunction.apply(x, None, None, A, B, s, xa, base)
     return None
-
-
-def _bias(base: nn.Module, x: Tensor) -> Tensor | None:
-    """A quantized layer's bias in the compute dtype (bitsandbytes keeps it in the load dtype)."""
-    return None if base.bias is None else base.bias.to(x.dtype)

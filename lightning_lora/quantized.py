@@ -19,6 +19,7 @@ Checked against bitsandbytes 0.50.2 (CPU and CUDA).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,12 @@ from torch import Tensor, nn
 
 def _bnb_class(module: nn.Module) -> str | None:
     """The name of the bitsandbytes Linear class ``module`` is (or derives from), else ``None``."""
-    for cls in type(module).__mro__:
+    return _bnb_class_of(type(module))
+
+
+@functools.cache
+def _bnb_class_of(kind: type) -> str | None:  # asked on every forward: once per class
+    for cls in kind.__mro__:
         if cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear4bit", "Linear8bitLt"):
             return cls.__name__
     return None
