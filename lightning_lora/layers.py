@@ -325,21 +325,21 @@ class LoRALinear(LoRAWrapper):
         """``y = x Wᵀ + b + Σ_active (alpha/r) · dropout(x) Aᵀ Bᵀ``; ``x: (..., d_in)`` →
         ``y: (..., d_out)`` in ``x``'s dtype.
 
-        One active adapter over a plain frozen ``nn.Linear`` takes the fast path
-        (:mod:`lightning_lora.fused`: the same math in fewer passes over the activations);
-        everything else (several adapters, mixed dtypes, autocast, a trainable or hooked base
-        layer, a ``Linear`` subclass) takes :meth:`reference_forward`.
+        One active adapter over a plain frozen ``nn.Linear`` or a frozen bitsandbytes 4/8-bit
+        layer takes a fast path (:mod:`lightning_lora.fused`: the same math in fewer passes over
+        the activations); everything else (several adapters, mixed dtypes, autocast, a trainable
+        or hooked base layer, another ``Linear`` subclass) takes :meth:`reference_forward`.
         """
         names = self.unmerged_active()
         if not names:
             return self.base_layer(x)
         if len(names) == 1 and fused.fast_path_wanted():
             name = names[0]
-            base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
-            if fused.fits(base, x, A, B):
+            A, B, scale = self.update(name)
+            run = fused.fast_forward(self.base_layer, x, A, B)
+            if run is not None:
                 x_adapter = self._adapter_input(x, name)  # x itself without dropout: read once
-                separate = None if x_adapter is x else x_adapter
-                return fused.lora_linear(x, base.weight, base.bias, A, B, self.specs[name].scale, separate)
+                return run(x, A, B, scale, None if x_adapter is x else x_adapter)
         return self.reference_forward(x, names)
 
     def reference_forward(self, x: Tensor, names: list[str] | None = None) -> Tensor:

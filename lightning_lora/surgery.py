@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import quantized
 from .config import LoRAConfig
 from .errors import LoRAStateError, LoRATargetError
 from .layers import LoRALayer, LoRAParametrization, LoRAWrapper
@@ -34,7 +35,7 @@ def adapt(target: Selected, config: LoRAConfig, adapter_name: str, state: LoRASt
     the layer it already has."""
     module, parent = target.module, target.parent
     if isinstance(module, LoRAWrapper):
-        _add(module, config, adapter_name, module.weight)
+        _add(module, config, adapter_name, module.weight, module.base_layer)
     elif isinstance(module, nn.MultiheadAttention):
         _adapt_mha(module, target.name, config, adapter_name, state, target.with_out_proj)
     elif isinstance(module, nn.Linear) and isinstance(parent, _READS_CHILD_WEIGHTS):
@@ -44,13 +45,17 @@ def adapt(target: Selected, config: LoRAConfig, adapter_name: str, state: LoRASt
         if kind is None or kind.wrapper is None:  # find_targets selects supported types only
             raise LoRATargetError(f"{target.name!r} ({type(module).__name__}) has no LoRA wrapper.")
         wrapped = kind.wrapper(module)
-        _add(wrapped, config, adapter_name, module.weight)
+        _add(wrapped, config, adapter_name, module.weight, module)
         setattr(parent, target.name.rsplit(".", 1)[-1], wrapped)
 
 
-def _adapter_dtype(config: LoRAConfig, weight: Tensor) -> torch.dtype:
+def _adapter_dtype(config: LoRAConfig, weight: Tensor, base: nn.Module | None) -> torch.dtype:
+    """``adapter_dtype``, else the dtype the base computes in: its weight's, or a quantized
+    layer's compute dtype (bf16 for a 4-bit base computing in bf16: QLoRA's choice)."""
     if config.adapter_dtype is not None:
         return getattr(torch, config.adapter_dtype)
+    if base is not None and quantized.is_quantized(base):
+        return quantized.compute_dtype(base)
     if not weight.is_floating_point():
         raise LoRATargetError(
             f"cannot follow a {weight.dtype} base weight for the adapter dtype; set adapter_dtype='float32'."
@@ -58,8 +63,9 @@ def _adapter_dtype(config: LoRAConfig, weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _add(layer: LoRALayer, config: LoRAConfig, name: str, weight: Tensor) -> None:
-    layer.add_adapter(name, config.spec, dtype=_adapter_dtype(config, weight), device=weight.device)
+def _add(layer: LoRALayer, config: LoRAConfig, name: str, weight: Tensor, base: nn.Module | None = None) -> None:
+    dtype = _adapter_dtype(config, weight, base)
+    layer.add_adapter(name, config.spec, dtype=dtype, device=weight.device)
 
 
 def _parametrize(
