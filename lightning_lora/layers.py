@@ -304,8 +304,10 @@ class LoRALinear(LoRAWrapper):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        weight = base_layer.weight
-        d_out, d_in = weight.shape[::-1] if self.transposed else weight.shape
+        if self.transposed:  # transformers' Conv1D: weight (d_in, d_out)
+            d_in, d_out = base_layer.weight.shape
+        else:  # the declared sizes: a quantized weight is stored packed, not (d_out, d_in)
+            d_out, d_in = base_layer.out_features, base_layer.in_features
         super().__init__(base_layer, d_out, d_in)
 
     @property
