@@ -12,6 +12,7 @@ from .config import AdapterSpec, LoRAConfig
 from .errors import AdapterFileError, LoRAConfigError, LoRAError, LoRAStateError, LoRATargetError
 from .inject import inject_lora, unload_lora
 from .io import read_adapter, save_adapter
+from .layer_types import LoRAConv, LoRAConv1D, LoRAEmbedding
 from .layers import LoRALayer, LoRALinear, LoRAParametrization
 from .load import load_adapter
 from .merge import merge_lora, unmerge_lora
@@ -36,6 +37,9 @@ __all__ = [
     "LoRACallback",
     "LoRAConfig",
     "LoRAConfigError",
+    "LoRAConv",
+    "LoRAConv1D",
+    "LoRAEmbedding",
     "LoRAError",
     "LoRALayer",
     "LoRALinear",

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from . import quantized
+from .layers import LoRALinear
 from .state import adapted_weights
 
 
@@ -75,7 +77,10 @@ def delta_stats(model: nn.Module, adapter_name: str = "default") -> list[DeltaSt
         if adapter_name not in layer.lora_A:
             continue
         sigma = delta_singular_values(*layer.update(adapter_name))
-        weight = layer.region(target.weight).detach().float()
+        if isinstance(layer, LoRALinear) and quantized.is_packed(target.weight):
+            weight = quantized.dequantized(layer.base_layer)
+        else:
+            weight = layer.region(target.weight).detach().float()
         out.append(
             DeltaStats(
                 name=target.name,

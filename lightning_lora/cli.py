@@ -57,7 +57,7 @@ def inspect_adapter(path: str | os.PathLike) -> str:
         rows.append(
             (
                 name,
-                f"{B.shape[0]}×{A.shape[1]}",
+                "×".join(str(n) for n in (B.shape[0], *A.shape[1:])),  # ΔW's shape; a conv's is its kernel's
                 str(A.shape[0]),
                 f"{adapter.scaling(name):g}",
                 f"{A.numel() + B.numel():,}",

@@ -73,10 +73,12 @@ class LoRAConfig:
     dropout kernel entirely."""
 
     target_modules: Any = ALL_LINEAR
-    """Which modules to adapt: ``"all-linear"`` (every ``nn.Linear`` and
-    ``nn.MultiheadAttention``), a list of names or dotted suffixes (``["query", "value"]``
-    matches ``encoder.layer.0.attention.self.query``), or one string taken as a regular
-    expression that must match the full module name."""
+    """Which modules to adapt: ``"all-linear"`` (every linear layer: ``nn.Linear``,
+    transformers' ``Conv1D``, ``nn.MultiheadAttention``), a list of names or dotted suffixes
+    (``["query", "value"]`` matches ``encoder.layer.0.attention.self.query``), or one string
+    taken as a regular expression that must match the full module name. Conv
+    (``nn.Conv1d/2d/3d``) and ``nn.Embedding`` layers are adapted only when named, as in PEFT
+    (:data:`~lightning_lora.targets.LAYER_TYPES`)."""
 
     exclude_modules: list[str] = field(default_factory=list)
     """Names or dotted suffixes never adapted, even when ``target_modules`` matches them."""
@@ -86,8 +88,8 @@ class LoRAConfig:
     They are never adapted and are saved with the adapter."""
 
     init: str = "zeros_b"
-    """``"zeros_b"``: ``A`` Kaiming-uniform, ``B = 0`` so the model is unchanged at step 0 (the
-    paper's choice). ``"gaussian"``: ``A, B ~ N(0, 0.01²)``, the textbook variant whose output
+    """``"zeros_b"``: ``A`` Kaiming-uniform (``N(0, 1)`` for an ``nn.Embedding``, as it draws its
+    own rows), ``B = 0`` so the model is unchanged at step 0 (the paper's choice). ``"gaussian"``: ``A, B ~ N(0, 0.01²)``, the textbook variant whose output
     changes at step 0."""
 
     mha_projections: list[str] = field(default_factory=lambda: list(MHA_PROJECTIONS))

@@ -4,7 +4,9 @@
 (``base_model.model.<module>.lora_A.weight`` → ``<prefix><module>.weight``; a block
 ``<mha>.in_proj_weight[q]`` of a fused attention projection → rows ``0:E`` of
 ``<prefix><mha>.in_proj_weight``: :mod:`lightning_lora.names`), with the same fp32 merge as a
-model's (:func:`~lightning_lora.layers.merged_block`). Files are read without pickle
+model's (:func:`~lightning_lora.layers.merged_block`) on the ``(d_out, d_in)`` matrix of each
+tensor (:func:`~lightning_lora.layers.matrix_view`: a conv kernel flattened, an embedding or a
+transformers ``Conv1D`` weight transposed). Files are read without pickle
 (safetensors, or ``torch.load(weights_only=True)``) and written atomically.
 """
 
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from .errors import AdapterFileError
 from .io import AdapterFile, atomic_write, read_adapter
-from .layers import first_nonfinite, merged_block, with_block
+from .layers import first_nonfinite, from_matrix, matrix_view, merged_block, with_block
 from .names import CHECKPOINT_KEY, block_rows, parse_weight_name
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .report import file_merge_report
@@ -53,6 +55,7 @@ def merge_into_state_dict(
     that does not fit, or a merged weight with NaN/Inf is an :class:`AdapterFileError` naming it.
     """
     merged = dict(state_dict)
+    transposed = _transposed_weights(state_dict, adapter, prefix)
     for name in sorted(adapter.pairs, key=natural_key):
         parsed = parse_weight_name(name)
         key = parsed.state_dict_key(prefix)
@@ -60,13 +63,17 @@ def merge_into_state_dict(
             raise AdapterFileError(_missing_key_message(key, name, merged, prefix))
         weight = merged[key]
         rows = block_rows(parsed.label, weight.shape[0]) if parsed.fused else None
-        region = weight if rows is None else weight[rows[0] : rows[1]]
-        A, B, _ = adapter.update(name)
-        if tuple(region.shape) != (B.shape[0], A.shape[1]):
+        flip = name in transposed
+        region = weight[rows[0] : rows[1]] if rows is not None else matrix_view(weight, flip)
+        A, B = adapter.pairs[name]
+        delta_shape = (B.shape[0], *A.shape[1:])  # (d_out, d_in), or a conv's (d_out, in, *kernel)
+        expected = delta_shape[::-1] if flip else delta_shape
+        found = tuple(region.shape) if rows is not None else tuple(weight.shape)
+        if found != expected:
             raise AdapterFileError(
-                f"adapter weight {name!r} makes a ΔW of shape {(B.shape[0], A.shape[1])}, but {key!r} in the base "
-                f"{'has rows of' if rows is not None else 'has'} shape {tuple(region.shape)}; the adapter was "
-                f"trained on another base model."
+                f"adapter weight {name!r} makes a ΔW of shape {delta_shape}"
+                f"{f', stored transposed as {expected}' if flip else ''}, but {key!r} in the base "
+                f"{'has rows of' if rows is not None else 'has'} shape {found}; the adapter was trained on another base model."
             )
         new_region = merged_block(region, [adapter.update(name)]).to(weight.dtype)
         if first_nonfinite([new_region]) is not None:
@@ -74,7 +81,10 @@ def merge_into_state_dict(
                 f"merging {name!r} into {key!r} gives NaN or Inf in {weight.dtype}; nothing was written. "
                 f"Check the adapter with `{PROG} inspect`."
             )
-        merged[key] = with_block(weight, rows, new_region)
+        if rows is not None:
+            merged[key] = with_block(weight, rows, new_region)
+        else:
+            merged[key] = from_matrix(new_region, weight.shape, flip)
     for key, tensor in adapter.trainable.items():
         full = prefix + key
         if full not in merged:
@@ -86,6 +96,40 @@ def merge_into_state_dict(
             )
         merged[full] = tensor.to(merged[full].dtype)
     return merged
+
+
+def _transposed_weights(state_dict: Mapping[str, Tensor], adapter: AdapterFile, prefix: str) -> set[str]:
+    """The adapter's weights whose base tensor is stored ``(d_in, d_out)``, so ``ΔWᵀ`` is added.
+
+    An embedding's keys say so (``lora_embedding_A``); our files list transformers' ``Conv1D``
+    weights in their metadata. A PEFT file has only ``fan_in_fan_out``, which PEFT sets when it
+    adapted a ``Conv1D`` last: with it, the base's shape tells a ``Conv1D`` from a Linear where
+    ``d_out ≠ d_in``, and square weights count as ``Conv1D`` unless a Linear is among the others;
+    without it, nothing is transposed. What the file and the base leave open is refused."""
+    recorded = adapter.extras.get("fan_in_fan_out")
+    if recorded is not None:
+        return set(adapter.embedding) | set(recorded)
+    square, flipped, plain = [], [], []
+    for name, (A, B) in adapter.pairs.items():
+        parsed = parse_weight_name(name)
+        weight = state_dict.get(parsed.state_dict_key(prefix))
+        if name in adapter.embedding or A.dim() != 2 or parsed.label or weight is None or weight.dim() != 2:
+            continue
+        d_out, d_in = B.shape[0], A.shape[1]
+        if d_out == d_in:
+            square.append(name)
+        else:
+            (flipped if tuple(weight.shape) == (d_in, d_out) else plain).append(name)
+    ambiguous = flipped[:1] if not adapter.config.get("fan_in_fan_out") else (square[:1] if plain else [])
+    if ambiguous:
+        raise AdapterFileError(
+            f"cannot tell from the adapter whether the base stores {ambiguous[0]!r} transposed (a transformers "
+            f"Conv1D) or not: {'the base has it transposed but the file says fan_in_fan_out=false' if flipped else 'it is square, and the file mixes Conv1D and Linear weights'}. "
+            f"Merge through the model instead: load_adapter(model, path), then unload_lora(model)."
+        )
+    if not adapter.config.get("fan_in_fan_out"):
+        return set(adapter.embedding)
+    return set(adapter.embedding) | set(flipped) | set(square)
 
 
 def _missing_key_message(key: str, name: str, state: Mapping[str, Tensor], prefix: str) -> str:
@@ -162,7 +206,7 @@ def merge_files(base: Path, adapter_dir: Path, output: Path, prefix: str | None,
     adapter = read_adapter(as_adapter_dir(adapter_dir))
     prefix = detect_prefix(state, adapter) if prefix is None else prefix
     merged = merge_into_state_dict(state, adapter, prefix)
-    report = file_merge_report(state, merged, adapter, prefix)  # the weight part of merge_report
+    report = file_merge_report(state, merged, adapter, prefix, _transposed_weights(state, adapter, prefix))
     if kind == "safetensors":
         tensors = {k: v.contiguous() for k, v in merged.items()}
         atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata=contents.get("metadata")))

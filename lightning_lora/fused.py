@@ -31,11 +31,13 @@ measure it), ``"never"`` turns it off.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from . import quantized
 
 FAST_PATH_MODES = ("auto", "always", "never")
 _mode = "auto"
@@ -90,7 +92,11 @@ def fits(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
 
 class LoRALinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b + s · x_a Aᵀ Bᵀ`` with a frozen ``W`` and ``b``; ``x_a`` is ``x`` or
-    ``dropout(x)``. Gradients for ``x``, ``A``, ``B`` (and ``x_adapter``); none for ``W``, ``b``."""
+    ``dropout(x)``. Gradients for ``x``, ``A``, ``B`` (and ``x_adapter``); none for ``W``, ``b``.
+
+    ``weight`` is the frozen ``(d_out, d_in)`` tensor, or ``None`` with ``quantized_base`` a
+    bitsandbytes 4/8-bit layer (QLoRA): the base then computes ``x Wᵀ + b`` itself, and its
+    ``W`` is dequantized for ``dx`` in backward, never saved, as bitsandbytes' own layers do."""
 
     @staticmethod
     def forward(
@@ -102,20 +108,28 @@ class LoRALinearFunction(torch.autograd.Function):
         B: Tensor,
         scaling: float,
         x_adapter: Tensor | None,
+        quantized_base: nn.Module | None = None,
     ) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, x_adapter.shape[-1])
         a = xa2 @ A.t()  # (N, r)
-        # y = s · a Bᵀ (+ b): the scale rides in the GEMM's alpha (no kernel of its own); beta = 0
-        # means y's uninitialised contents are never read.
-        if bias is None:
-            y = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, B.t(), beta=0, alpha=scaling)
+        if quantized_base is not None:
+            # The base multiplies with its own kernel (bitsandbytes dequantizes and calls a GEMM
+            # in one op); autograd is off in here, so it saves nothing. The LoRA part is added
+            # in place, the scale in the GEMM's alpha.
+            y = quantized_base(x2)
+            y.addmm_(a, B.t(), alpha=scaling)
         else:
-            y = torch.addmm(bias, a, B.t(), alpha=scaling)
-        y.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
-        ctx.save_for_backward(xa2, a, weight, A, B)
-        ctx.scaling = scaling
+            # y = s · a Bᵀ (+ b): the scale rides in the GEMM's alpha (no kernel of its own);
+            # beta = 0 means y's uninitialised contents are never read.
+            if bias is None:
+                y = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, B.t(), beta=0, alpha=scaling)
+            else:
+                y = torch.addmm(bias, a, B.t(), alpha=scaling)
+            y.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
+        ctx.save_for_backward(xa2, a, weight, A, B)  # weight is None over a quantized base
+        ctx.scaling, ctx.quantized_base = scaling, quantized_base
         ctx.separate_adapter_input = x_adapter is not None
         ctx.x_shape, ctx.xa_shape = x.shape, (x_adapter.shape if x_adapter is not None else None)
         return y.view(*lead, y.shape[-1])
@@ -123,9 +137,11 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
         xa2, a, weight, A, B = ctx.saved_tensors
+        if ctx.quantized_base is not None:
+            weight = quantized.dequantized(ctx.quantized_base, dy.dtype)
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
-        need_x, _, _, need_A, need_B, _, need_xa = ctx.needs_input_grad
+        need_x, _, _, need_A, need_B, _, need_xa = ctx.needs_input_grad[:7]
         g = None
         if need_A or need_x or need_xa:  # g = s · dy B  (N, r)
             g = a.new_empty(a.shape).addmm_(dy2, B, beta=0, alpha=s)
@@ -141,7 +157,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dx2 = g @ A  # (N, d_in) LoRA part ...
             dx2.addmm_(dy2, weight)  # ... and the frozen GEMM adds the base part into it
             dx = dx2.view(ctx.x_shape)
-        return dx, None, None, dA, dB, None, dxa
+        return (dx, None, None, dA, dB, None, dxa, None)[: len(ctx.needs_input_grad)]
 
 
 def lora_linear(
@@ -157,3 +173,34 @@ def lora_linear(
     :class:`LoRALinearFunction`. ``weight`` and ``bias`` must not require gradients; all tensors
     share one dtype."""
     return LoRALinearFunction.apply(x, weight, bias, A, B, scaling, x_adapter)
+
+
+# Below this many rows the reference path is as fast (the base's kernel dominates, and
+# bitsandbytes 0.50.2 switches to its own small-batch kernel at 256 rows on CUDA).
+QUANTIZED_MIN_ROWS = 257
+
+
+def fits_quantized(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """The fast path applies to a frozen bitsandbytes 4/8-bit base with no hooks of its own,
+    for at least :data:`QUANTIZED_MIN_ROWS` rows computed in the base's compute dtype, with the
+    adapter in the same dtype, outside autocast."""
+    if not quantized.is_quantized(base) or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    if x.numel() < QUANTIZED_MIN_ROWS * x.shape[-1] or x.dtype != quantized.compute_dtype(base):
+        return False
+    return x.dtype == A.dtype == B.dtype and not torch.is_autocast_enabled(x.device.type)
+
+
+FastForward = Callable[[Tensor, Tensor, Tensor, float, "Tensor | None"], Tensor]
+
+
+def fast_forward(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> FastForward | None:
+    """The fast path for this base and these tensors, as ``run(x, A, B, scale, x_adapter)``, or
+    ``None`` when only the reference formula applies."""
+    if fits(base, x, A, B):
+        return lambda x, A, B, s, xa: lora_linear(x, base.weight, base.bias, A, B, s, xa)
+    if fits_quantized(base, x, A, B):
+        return lambda x, A, B, s, xa: LoRALinearFunction.apply(x, None, None, A, B, s, xa, base)
+    return None

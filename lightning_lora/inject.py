@@ -16,8 +16,9 @@ from torch import nn
 from .adapters import adapter_names, set_adapter
 from .config import LoRAConfig
 from .errors import LoRAStateError
-from .merge import merge_lora, unmerge_lora
+from .merge import merge_plan, merge_quantized, refuse_nonfinite, refuse_tied, unmerge_lora
 from .params import mark_only_lora_as_trainable
+from .quantized import is_packed
 from .sharing import module_places, refuse_shared_targets
 from .state import STATE_ATTR, LoRAState, adapted_weights, lora_state, require_adapted
 from .surgery import adapt, strip_lora, target_tensors
@@ -77,15 +78,24 @@ def check_adapter_name(name: Any) -> None:
         raise LoRAStateError(f"adapter_name={name!r} cannot be used: {why}. Choose another, e.g. 'task_a'.")
 
 
-def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload_lora(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn.Module:
     """Remove LoRA: with ``merge`` the active adapters stay in ``W`` (a plain, fast model);
     without, ``W`` is restored and every adapter discarded. The original module types,
-    state-dict keys (in their order) and ``requires_grad`` flags come back."""
+    state-dict keys (in their order) and ``requires_grad`` flags come back.
+
+    A quantized base (bitsandbytes 4/8-bit) cannot hold ``ΔW`` in its packed weight: merging
+    gives a dense ``nn.Linear`` in its compute dtype instead, or with ``requantize`` the same
+    quantized type holding ``Q(W + ΔW)`` (:func:`~lightning_lora.merge.merge_quantized`)."""
     targets = require_adapted(model, "unload")
     if merge:
-        pending = [n for n in adapter_names(model) if any(n in t.layer.unmerged_active() for t in targets)]
-        if pending:
-            merge_lora(model, pending)
+        dense = [t for t in targets if not is_packed(t.weight)]
+        pending = [n for n in adapter_names(model) if any(n in t.layer.unmerged_active() for t in dense)]
+        plan = merge_plan(dense, pending) if pending else []
+        refuse_tied(model, plan)  # before anything changes: all or nothing
+        refuse_nonfinite(plan)
+        merge_quantized(model, requantize)
+        for target, names in plan:
+            target.layer.merge(target.weight, names)
     elif any(t.layer.merged_adapters for t in targets):
         unmerge_lora(model)
     strip_lora(model)

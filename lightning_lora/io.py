@@ -2,17 +2,21 @@
 
 A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and
 ``adapter_model.safetensors`` with keys ``base_model.model.<weight>.lora_A.weight`` /
-``.lora_B.weight`` and, for ``trainable_modules``, ``base_model.model.<module>.<tensor>``.
-``<weight>`` is the adapted weight's name (:mod:`lightning_lora.names`): the module name for an
-``nn.Linear`` (exactly PEFT's key); an ``nn.MultiheadAttention`` is written in PEFT's layout, one
-pair over its fused in-projection and one over ``out_proj`` (:mod:`lightning_lora.peft_mha`:
-exact both ways). Names may be relative to a submodule, the model that will be served
-(``root``, :mod:`lightning_lora.roots`). ``peft.PeftModel.from_pretrained`` loads our files, and
+``.lora_B.weight`` (``.lora_embedding_A`` / ``_B`` for an ``nn.Embedding``) and, for
+``trainable_modules``, ``base_model.model.<module>.<tensor>``. ``<weight>`` is the adapted
+weight's name (:mod:`lightning_lora.names`): the module name for a layer (exactly PEFT's key); an
+``nn.MultiheadAttention`` is written in PEFT's layout, one pair over its fused in-projection and
+one over ``out_proj`` (:mod:`lightning_lora.peft_mha`: exact both ways). Tensors have PEFT's
+shapes: a conv's ``lora_A`` is a kernel ``(r, in, *k)`` and its ``lora_B`` a 1×1 conv
+``(out, r, 1, ...)``. Names may be relative to a submodule, the model that will be served
+(``root``, :mod:`lightning_lora.roots`).
+``peft.PeftModel.from_pretrained`` loads our files, and
 :func:`~lightning_lora.load.load_adapter` loads what PEFT's ``save_pretrained`` writes
-(:mod:`lightning_lora.peft_format` says which files are accepted). What
-PEFT has no field for (our ``init``, ``mha_projections``, ``adapter_dtype``) rides in the
-safetensors metadata, which PEFT ignores, together with a copy of the fields that set the math,
-so a pair of files from two different saves is detected.
+(:mod:`lightning_lora.peft_format` says which files are accepted). What PEFT has no field for
+(our ``init``, ``mha_projections``, ``adapter_dtype``, which weights are stored transposed, the
+adapter root, the block layout of MHA adapters)
+rides in the safetensors metadata, which PEFT ignores, together with a copy of the fields that
+set the math, so a pair of files from two different saves is detected.
 
 Reading never trusts a file: tensors come from safetensors only (no pickle), and
 :func:`read_adapter` checks the two files against each other before any model is touched.
@@ -35,7 +39,7 @@ from torch import Tensor, nn
 from .config import AdapterSpec
 from .errors import AdapterFileError
 from .layers import Update, delta_weight
-from .names import FILE_PREFIX, parse_file_key, peft_mha_owner
+from .names import FILE_PREFIX, file_key, parse_file_key, peft_mha_owner
 from .params import adapter_entries
 from .peft_format import (
     ADAPTER_CONFIG,
@@ -44,9 +48,10 @@ from .peft_format import (
     check_peft_config,
     pattern_value,
     peft_config_dict,
+    transposed_weights,
 )
 from .peft_mha import METADATA_FIELD, from_peft, peft_layout
-from .roots import rebase, resolve_root, served_name_or_path
+from .roots import rebase, relative, resolve_root, served_name_or_path
 from .state import lora_config
 
 METADATA_KEY = "lightning_lora"
@@ -97,14 +102,12 @@ def _fsync_directory(directory: Path) -> None:
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """The adapter's tensors under the file's keys (:mod:`lightning_lora.names`): ``lora_A``
-    ``(r, d_in)`` and ``lora_B`` ``(d_out, r)`` per adapted weight (an ``nn.MultiheadAttention`` in
-    PEFT's layout), and the ``trainable_modules``' state under ``base_model.model.<module>.<tensor>``."""
+    ``(r, d_in)`` and ``lora_B`` ``(d_out, r)`` per adapted weight (a conv's as kernels, see
+    :meth:`~lightning_lora.layers.LoRALayer.adapter_shapes`), and the ``trainable_modules``'
+    state under ``base_model.model.<module>.<tensor>``; an ``nn.MultiheadAttention`` in PEFT's
+    layout (:func:`~lightning_lora.peft_mha.peft_layout`)."""
     layout = peft_layout(model, adapter_name)
-    covered = {
-        key
-        for name in layout.covered
-        for key in (f"{FILE_PREFIX}{name}.lora_A.weight", f"{FILE_PREFIX}{name}.lora_B.weight")
-    }
+    covered = {file_key(name, part) for name in layout.covered for part in "AB"}
     tensors = {e.file_key: e.tensor.detach() for e in adapter_entries(model, adapter_name) if e.file_key not in covered}
     return tensors | layout.tensors
 
@@ -145,9 +148,10 @@ def save_adapter(
         "adapter_dtype": config.adapter_dtype,
         "target_patterns": config.target_modules,
         "trainable_patterns": config.trainable_modules,
+        "fan_in_fan_out": [relative(n, root) for n in transposed_weights(model, adapter_name)],
         "config": {k: peft[k] for k in MATH_KEYS},
         "root": root,
-        METADATA_FIELD: {name[len(root) + 1 :] if root else name: r for name, r in records.items()},
+        METADATA_FIELD: {relative(name, root): record for name, record in records.items()},
     }
     metadata = {"format": "pt", METADATA_KEY: json.dumps(extras)}
     atomic_write(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -205,8 +209,10 @@ def read_adapter_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
 class AdapterFile:
     """An adapter directory, read and checked on its own, before any model is touched.
 
-    ``pairs`` maps each adapted weight's name to ``(A (r, d_in), B (d_out, r))``; ``trainable``
-    holds the trainable modules' tensors under the model's state-dict keys.
+    ``pairs`` maps each adapted weight's name to ``(A, B)`` as stored (``(r, d_in)`` and
+    ``(d_out, r)``; a conv's as kernels: :meth:`update` gives the matrices); ``trainable`` holds
+    the trainable modules' tensors under the model's state-dict keys; ``embedding`` names the
+    weights keyed as PEFT keys an ``nn.Embedding`` (``lora_embedding_A``).
     """
 
     path: Path
@@ -214,6 +220,7 @@ class AdapterFile:
     pairs: dict[str, tuple[Tensor, Tensor]]
     trainable: dict[str, Tensor]
     extras: dict[str, Any]
+    embedding: frozenset[str] = frozenset()
     alphas: dict[str, float] = field(default_factory=dict)
     """``lora_alpha`` of weights read from PEFT's MHA layout (their names are not in the config)."""
 
@@ -238,9 +245,9 @@ class AdapterFile:
         return self.spec(name).scale
 
     def update(self, name: str) -> Update:
-        """``(A, B, scale)`` of weight ``name``."""
+        """``(A (r, d_in), B (d_out, r), scale)`` of weight ``name``: matrices, whatever the layer."""
         A, B = self.pairs[name]
-        return A, B, self.scaling(name)
+        return A.flatten(1), B.flatten(1), self.scaling(name)
 
     def delta_weight(self, name: str) -> Tensor:
         """``ΔW = scale · B A`` of shape ``(d_out, d_in)``, in float32."""
@@ -249,8 +256,9 @@ class AdapterFile:
     def delta_norm(self, name: str) -> float:
         """``‖ΔW‖_F`` without forming ΔW: ``‖s·BA‖²_F = s² · Σ (BᵀB) ⊙ (AAᵀ)``, two ``r × r``
         products in float64."""
-        A, B = (t.double() for t in self.pairs[name])
-        return abs(self.scaling(name)) * float(((B.T @ B) * (A @ A.T)).sum().clamp(min=0).sqrt())
+        A, B, scale = self.update(name)
+        A, B = A.double(), B.double()
+        return abs(scale) * float(((B.T @ B) * (A @ A.T)).sum().clamp(min=0).sqrt())
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
@@ -271,14 +279,17 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             )
     halves: dict[str, dict[str, Tensor]] = {}
     trainable: dict[str, Tensor] = {}
+    embedding: set[str] = set()
     for key, tensor in tensors.items():
         parsed = parse_file_key(key)
         if parsed:
-            halves.setdefault(parsed[0], {})[f"lora_{parsed[1]}"] = tensor
+            halves.setdefault(parsed.name, {})[f"lora_{parsed.part}"] = tensor
+            if parsed.embedding:
+                embedding.add(parsed.name)
         elif re.search(r"\.lora_\w+", key):
             raise AdapterFileError(
                 f"{file} holds {key!r}, a LoRA tensor of a kind lightning-lora does not implement "
-                f"(it loads lora_A/lora_B pairs for nn.Linear and nn.MultiheadAttention)."
+                f"(it loads lora_A/lora_B and lora_embedding_A/lora_embedding_B pairs)."
             )
         else:
             trainable[key.removeprefix(FILE_PREFIX)] = tensor
@@ -304,13 +315,19 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             pairs[name] = (A, B)  # PEFT's MHA layout: checked as a whole by from_peft
             continue
         expected = rank_of(name)
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != expected or B.shape[1] != expected:
+        if A.dim() < 2 or B.dim() != A.dim() or A.shape[0] != expected or B.shape[1] != expected:
             raise AdapterFileError(
                 f"{Path(path) / ADAPTER_CONFIG} says r={expected} for {name!r}, but {file} has "
                 f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} (expected ({expected}, d_in) and "
-                f"(d_out, {expected})); the files do not belong together."
+                f"(d_out, {expected}), or a conv's ({expected}, in, *kernel) and (d_out, {expected}, 1, ...)); "
+                f"the files do not belong together."
+            )
+        if any(n != 1 for n in B.shape[2:]):
+            raise AdapterFileError(
+                f"{file} has lora_B {tuple(B.shape)} for {name!r}: a conv adapter's B must be a 1×1 kernel "
+                f"(PEFT's layout); lightning-lora does not implement other kernels for B."
             )
         pairs[name] = (A, B)
     layouts = extras.get(METADATA_FIELD) if "version" in extras else None  # None: a file PEFT wrote
     pairs, alphas = from_peft(pairs, alpha_of, rank_of, layouts, file, config.get("peft_version"))
-    return AdapterFile(Path(path), config, pairs, trainable, extras, alphas)
+    return AdapterFile(Path(path), config, pairs, trainable, extras, frozenset(embedding), alphas)

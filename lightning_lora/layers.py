@@ -13,8 +13,10 @@
 
 Two carriers share one parameter bank (:class:`LoRALayer`):
 
-* :class:`LoRALinear` wraps an ``nn.Linear`` and applies the update on the activations
-  (``x Aᵀ Bᵀ``: ``r · (d_in + d_out)`` multiply-adds per token, never a ``d_out × d_in`` matrix).
+* a :class:`LoRAWrapper` calls the original module and adds the update on the activations:
+  :class:`LoRALinear` for an ``nn.Linear`` (``x Aᵀ Bᵀ``: ``r · (d_in + d_out)`` multiply-adds per
+  token, never a ``d_out × d_in`` matrix); :mod:`lightning_lora.layer_types` has the wrappers of
+  the other layer types (transformers' ``Conv1D``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``).
 * :class:`LoRAParametrization` adds ``ΔW`` to a weight *tensor* through
   ``torch.nn.utils.parametrize``. ``nn.MultiheadAttention`` needs this: it reads
   ``in_proj_weight`` and ``out_proj.weight`` directly (and ``nn.TransformerEncoderLayer``'s
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +47,21 @@ Update = tuple[Tensor, Tensor, float]
 """One adapter's ``(A (r, d_in), B (d_out, r), scale)``: what ΔW is made of."""
 
 
-def init_lora_(A: Tensor, B: Tensor, init: str) -> None:
-    """Initialise ``A: (r, d_in)`` and ``B: (d_out, r)`` in place.
+def init_lora_(A: Tensor, B: Tensor, init: str, a_std: float | None = None) -> None:
+    """Initialise ``A: (r, d_in)`` and ``B: (d_out, r)`` in place (or their conv shapes
+    ``(r, in, *kernel)``, ``(d_out, r, 1, ...)``: Kaiming's fan-in is ``in · |kernel|`` either way).
 
     ``"zeros_b"``: ``A`` Kaiming-uniform as ``nn.Linear`` initialises its weight (the paper's
-    code), ``B = 0``. ``"gaussian"``: both ``N(0, 0.01²)``. Drawn in float32 and then cast, so a
-    bf16 adapter starts from the same numbers as an fp32 one.
+    code), or ``N(0, a_std²)`` when ``a_std`` is given; ``B = 0``. ``"gaussian"``: both
+    ``N(0, 0.01²)``. Drawn in float32 and then cast, so a bf16 adapter starts from the same
+    numbers as an fp32 one.
     """
     a, b = torch.empty(A.shape, device=A.device), torch.empty(B.shape, device=B.device)
     if init == "zeros_b":
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if a_std is None:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            nn.init.normal_(a, std=a_std)
         nn.init.zeros_(b)
     elif init == "gaussian":
         nn.init.normal_(a, std=0.01)
@@ -82,6 +90,20 @@ def merged_block(block: Tensor, updates: Iterable[Update], sign: float = 1.0) ->
     return out
 
 
+def matrix_view(weight: Tensor, transposed: bool = False) -> Tensor:
+    """A host weight as the ``(d_out, d_in)`` matrix that ``ΔW = scale · B A`` is added to: an
+    ``nn.Linear`` weight as it is; a conv kernel ``(d_out, in, *kernel)`` flattened to
+    ``(d_out, in · |kernel|)``; a weight stored ``(d_in, d_out)`` (transformers' ``Conv1D``,
+    ``nn.Embedding``'s ``(num_embeddings, embedding_dim)``) transposed. A view wherever the
+    memory layout allows one (always for 2-D weights), so writes into it reach ``weight``."""
+    return weight.T if transposed else weight.flatten(1)
+
+
+def from_matrix(block: Tensor, shape: torch.Size | tuple[int, ...], transposed: bool = False) -> Tensor:
+    """Inverse of :func:`matrix_view`: the ``(d_out, d_in)`` ``block`` in the host's ``shape``."""
+    return block.T if transposed else block.reshape(shape)
+
+
 def with_block(weight: Tensor, rows: tuple[int, int] | None, block: Tensor) -> Tensor:
     """``weight`` with rows ``rows`` replaced by ``block`` (all of it for ``None``), out of place
     (autograd-friendly, and safe on a state dict's tensors)."""
@@ -108,7 +130,19 @@ class LoRALayer(nn.Module):
     :class:`~lightning_lora.config.AdapterSpec` (rank, alpha, dropout, init) in ``specs``.
     Subclasses decide where the update is applied. ``rows`` selects a block of rows of the host
     weight (q, k or v of a fused projection); ``None`` means the whole weight.
+
+    ``A`` and ``B`` are stored in the shapes of PEFT's files (:meth:`adapter_shapes`: a conv's
+    ``A`` is a kernel); the math sees them as matrices (:meth:`update`), and the host weight as
+    the ``(d_out, d_in)`` matrix :func:`matrix_view` makes of it (``transposed`` for a weight
+    stored ``(d_in, d_out)``).
     """
+
+    transposed: ClassVar[bool] = False
+    """Whether the host weight is stored ``(d_in, d_out)``, so that merging adds ``ΔWᵀ``."""
+
+    embedding_keys: ClassVar[bool] = False
+    """Whether adapter files key this layer's tensors ``lora_embedding_A`` / ``_B`` (PEFT's keys
+    for ``nn.Embedding``) instead of ``lora_A.weight`` / ``lora_B.weight``."""
 
     def __init__(self, d_out: int, d_in: int, rows: tuple[int, int] | None = None) -> None:
         super().__init__()
@@ -144,13 +178,20 @@ class LoRALayer(nn.Module):
         """Create adapter ``name`` with ``spec`` (not yet active: see :meth:`set_active`)."""
         if name in self.lora_A:
             raise LoRAStateError(f"this layer already has an adapter named {name!r}")
-        A = torch.empty(spec.r, self.d_in, dtype=dtype, device=device)
-        B = torch.empty(self.d_out, spec.r, dtype=dtype, device=device)
-        if A.device.type != "meta":  # meta tensors are initialised by reset_parameters later
-            init_lora_(A, B, spec.init)
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(B)
+        a_shape, b_shape = self.adapter_shapes(spec.r)
+        self.lora_A[name] = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
+        self.lora_B[name] = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=device))
         self.specs[name] = spec
+        if self.lora_A[name].device.type != "meta":  # meta tensors are initialised by reset_parameters later
+            self.init_adapter(name)
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of ``A`` and ``B`` at rank ``r``: ``(r, d_in)`` and ``(d_out, r)``."""
+        return (r, self.d_in), (self.d_out, r)
+
+    def init_adapter(self, name: str) -> None:
+        """Draw adapter ``name``'s ``A`` and ``B`` as its spec's ``init`` says (:func:`init_lora_`)."""
+        init_lora_(self.lora_A[name], self.lora_B[name], self.specs[name].init)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -169,11 +210,12 @@ class LoRALayer(nn.Module):
     def reset_parameters(self) -> None:
         """Re-draw every adapter as at creation: lets FSDP materialise meta-device adapters."""
         for name in self.adapter_names:
-            init_lora_(self.lora_A[name], self.lora_B[name], self.specs[name].init)
+            self.init_adapter(name)
 
     def update(self, name: str) -> Update:
-        """``(A, B, scale)`` of adapter ``name``."""
-        return self.lora_A[name], self.lora_B[name], self.specs[name].scale
+        """``(A (r, d_in), B (d_out, r), scale)`` of adapter ``name``: matrices (views of the
+        stored tensors, so gradients reach them) whatever the layer type."""
+        return self.lora_A[name].flatten(1), self.lora_B[name].flatten(1), self.specs[name].scale
 
     def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
         """``ΔW = scale · B A`` of shape ``(d_out, d_in)``, computed in ``dtype``."""
@@ -186,8 +228,18 @@ class LoRALayer(nn.Module):
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def region(self, weight: Tensor) -> Tensor:
-        """The part of the host ``weight`` this layer adapts (a view, so writes reach it)."""
-        return weight if self.rows is None else weight[self.rows[0] : self.rows[1]]
+        """The ``(d_out, d_in)`` matrix of the host ``weight`` this layer adapts: its rows, or the
+        whole weight as :func:`matrix_view` sees it (a view where the layout allows one)."""
+        if self.rows is not None:
+            return weight[self.rows[0] : self.rows[1]]
+        return matrix_view(weight, self.transposed)
+
+    def write_region(self, weight: Tensor, block: Tensor) -> None:
+        """Write the ``(d_out, d_in)`` ``block`` into the host ``weight`` (cast to its dtype)."""
+        if self.rows is None:
+            weight.copy_(from_matrix(block, weight.shape, self.transposed))
+        else:
+            self.region(weight).copy_(block)
 
     def merged_region(self, weight: Tensor, names: Iterable[str], sign: float = 1.0) -> Tensor:
         """``region(W) ± Σ ΔW`` in float32, without writing (see :func:`merged_block`)."""
@@ -197,7 +249,7 @@ class LoRALayer(nn.Module):
     def merge(self, weight: Tensor, names: Iterable[str]) -> None:
         """Write ``W ← W + Σ ΔW`` into ``weight`` (the host tensor) and mark ``names`` merged."""
         names = list(names)
-        self.region(weight).copy_(self.merged_region(weight, names))
+        self.write_region(weight, self.merged_region(weight, names))
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -205,7 +257,7 @@ class LoRALayer(nn.Module):
         """Write ``W ← W − Σ ΔW`` for every merged adapter; returns their names."""
         names, self.merged_adapters = self.merged_adapters, []
         if names:
-            self.region(weight).copy_(self.merged_region(weight, names, sign=-1.0))
+            self.write_region(weight, self.merged_region(weight, names, sign=-1.0))
         return names
 
     def extra_repr(self) -> str:
@@ -214,15 +266,16 @@ class LoRALayer(nn.Module):
         return f"d_out={self.d_out}, d_in={self.d_in}{rows}, adapters=[{ranks}]"
 
 
-class LoRALinear(LoRALayer):
-    """An ``nn.Linear`` (or subclass) plus LoRA updates applied on the activations.
+class LoRAWrapper(LoRALayer):
+    """A LoRA layer that wraps a module: calls it as is (``base_layer``), then adds the update.
 
-    ``base_layer`` is the original module, called as is, so a subclass's own ``forward`` keeps
-    working. ``weight`` and ``bias`` read through to it for code that inspects them.
+    The base layer stays a module that is called, never re-implemented, so a subclass's own
+    ``forward``, hooks, or a quantized replacement keep working. Unloading puts ``base_layer``
+    back in its place.
     """
 
-    def __init__(self, base_layer: nn.Linear) -> None:
-        super().__init__(base_layer.out_features, base_layer.in_features)
+    def __init__(self, base_layer: nn.Module, d_out: int, d_in: int) -> None:
+        super().__init__(d_out, d_in)
         self.base_layer = base_layer
 
     @property
@@ -233,16 +286,37 @@ class LoRALinear(LoRALayer):
     def bias(self) -> Tensor | None:
         return self.base_layer.bias
 
+    def host_weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def _adapter_input(self, x: Tensor, name: str) -> Tensor:
+        """``dropout(x)`` for adapter ``name`` while training with dropout, else ``x`` itself
+        (no dropout kernel at all when ``p == 0``)."""
+        p = self.specs[name].dropout
+        return F.dropout(x, p=p, training=True) if p > 0.0 and self.training else x
+
+
+class LoRALinear(LoRAWrapper):
+    """An ``nn.Linear`` (or subclass) plus LoRA updates applied on the activations.
+
+    ``base_layer`` is the original module, called as is, so a subclass's own ``forward`` keeps
+    working. ``weight`` and ``bias`` read through to it for code that inspects them.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        if self.transposed:  # transformers' Conv1D: weight (d_in, d_out)
+            d_in, d_out = base_layer.weight.shape
+        else:  # the declared sizes: a quantized weight is stored packed, not (d_out, d_in)
+            d_out, d_in = base_layer.out_features, base_layer.in_features
+        super().__init__(base_layer, d_out, d_in)
+
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.d_in
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    def host_weight(self) -> Tensor:
-        return self.base_layer.weight
+        return self.d_out
 
     def lora_output(self, x: Tensor, name: str) -> Tensor:
         """``dropout(x) Aᵀ Bᵀ`` for one adapter, unscaled, in the adapter's dtype."""
@@ -253,21 +327,21 @@ class LoRALinear(LoRALayer):
         """``y = x Wᵀ + b + Σ_active (alpha/r) · dropout(x) Aᵀ Bᵀ``; ``x: (..., d_in)`` →
         ``y: (..., d_out)`` in ``x``'s dtype.
 
-        One active adapter over a plain frozen ``nn.Linear`` takes the fast path
-        (:mod:`lightning_lora.fused`: the same math in fewer passes over the activations);
-        everything else (several adapters, mixed dtypes, autocast, a trainable or hooked base
-        layer, a ``Linear`` subclass) takes :meth:`reference_forward`.
+        One active adapter over a plain frozen ``nn.Linear`` or a frozen bitsandbytes 4/8-bit
+        layer takes a fast path (:mod:`lightning_lora.fused`: the same math in fewer passes over
+        the activations); everything else (several adapters, mixed dtypes, autocast, a trainable
+        or hooked base layer, another ``Linear`` subclass) takes :meth:`reference_forward`.
         """
         names = self.unmerged_active()
         if not names:
             return self.base_layer(x)
         if len(names) == 1 and fused.fast_path_wanted():
             name = names[0]
-            base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
-            if fused.fits(base, x, A, B):
+            A, B, scale = self.update(name)
+            run = fused.fast_forward(self.base_layer, x, A, B)
+            if run is not None:
                 x_adapter = self._adapter_input(x, name)  # x itself without dropout: read once
-                separate = None if x_adapter is x else x_adapter
-                return fused.lora_linear(x, base.weight, base.bias, A, B, self.specs[name].scale, separate)
+                return run(x, A, B, scale, None if x_adapter is x else x_adapter)
         return self.reference_forward(x, names)
 
     def reference_forward(self, x: Tensor, names: list[str] | None = None) -> Tensor:
@@ -278,12 +352,6 @@ class LoRALinear(LoRALayer):
             A, B, scale = self.update(name)
             y = y + F.linear(F.linear(self._adapter_input(x, name).to(A.dtype), A) * scale, B).to(y.dtype)
         return y
-
-    def _adapter_input(self, x: Tensor, name: str) -> Tensor:
-        """``dropout(x)`` for adapter ``name`` while training with dropout, else ``x`` itself
-        (no dropout kernel at all when ``p == 0``)."""
-        p = self.specs[name].dropout
-        return F.dropout(x, p=p, training=True) if p > 0.0 and self.training else x
 
 
 class LoRAParametrization(LoRALayer):

@@ -78,11 +78,20 @@ def _fill(model: nn.Module, adapter_name: str, file: AdapterFile) -> None:
     for name, target in layers.items():
         A, B = file.pairs[name]
         layer, r = target.layer, file.rank(name)
-        if tuple(A.shape) != (r, layer.d_in) or tuple(B.shape) != (layer.d_out, r):
+        if (name in file.embedding) != layer.embedding_keys:
+            keys = ("lora_embedding_A/B", "lora_A/B")
+            has, needs = keys if name in file.embedding else keys[::-1]
+            raise AdapterFileError(
+                f"adapter {str(file.path)!r} does not fit {name!r}: the file has {has} tensors for it, but it is of type "
+                f"{type(getattr(layer, 'base_layer', layer)).__name__} here, which needs {needs}. Was it trained on "
+                f"another base model?"
+            )
+        a_shape, b_shape = layer.adapter_shapes(r)
+        if tuple(A.shape) != a_shape or tuple(B.shape) != b_shape:
             raise AdapterFileError(
                 f"adapter {str(file.path)!r} does not fit {name!r}: the file has lora_A "
                 f"{tuple(A.shape)} and lora_B {tuple(B.shape)}, this model's {layer.d_out}×{layer.d_in} "
-                f"weight needs ({r}, {layer.d_in}) and ({layer.d_out}, {r}). Was it trained on another base model?"
+                f"weight needs {a_shape} and {b_shape}. Was it trained on another base model?"
             )
     for name, target in layers.items():
         layer = target.layer

@@ -7,52 +7,61 @@ subtracts again (exact in fp32; in bf16 within a rounding of ``|W| + |ΔW|``, se
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
 
+from . import quantized
 from .errors import LoRAStateError
-from .layers import LoRALinear, first_nonfinite
-from .sharing import refuse_shared_merge
-from .state import AdaptedWeight, require_adapted
+from .layers import LoRALinear, LoRAWrapper, first_nonfinite, merged_block
+from .sharing import other_holders, tensor_holders
+from .state import AdaptedWeight, adapted_weights, require_adapted
 
 
 def merge_lora(model: nn.Module, adapter_names: str | Iterable[str] | None = None, safe: bool = True) -> None:
     """``W ← W + ΔW`` for the active adapters (or ``adapter_names``), computed in float32 and
     cast once to ``W``'s dtype. With ``safe``, every result is checked for NaN/Inf before any
-    weight is written, so a poisoned adapter leaves the whole model untouched. A weight that
-    another module holds too (tied after injection) is refused likewise, before any write."""
-    plan = _merge_plan(require_adapted(model, "merge"), adapter_names)
-    refuse_shared_merge(model, [(t.name, _owner(model, t), t.weight) for t, _ in plan])
+    weight is written, so a poisoned adapter leaves the whole model untouched. A weight tied to
+    another module (one tensor under two names) is refused before anything is written."""
+    plan = merge_plan(require_adapted(model, "merge"), adapter_names)
+    refuse_tied(model, plan)
     if safe:
-        bad = first_nonfinite(t.layer.merged_region(t.weight, names).to(t.weight.dtype) for t, names in plan)
-        if bad is not None:
-            target, names = plan[bad]
-            raise LoRAStateError(
-                f"merging adapter(s) {names} into {target.name!r} gives NaN or Inf in "
-                f"{target.weight.dtype}; no weight was changed. Check the adapter's "
-                f"tensors (lightning-lora inspect) or train with a lower learning rate."
-            )
+        refuse_nonfinite(plan)
     for target, names in plan:
         target.layer.merge(target.weight, names)
 
 
-def _owner(model: nn.Module, target: AdaptedWeight) -> nn.Module:
-    """The module whose tensor ``target.weight`` is, as :mod:`~lightning_lora.sharing` names owners."""
-    if isinstance(target.layer, LoRALinear):
-        return target.layer
-    return model.get_submodule(f".{target.path}".split(".parametrizations.")[0].lstrip("."))
+MergePlan = list[tuple[AdaptedWeight, list[str]]]
 
 
-def _merge_plan(
-    targets: list[AdaptedWeight], adapter_names: str | Iterable[str] | None
-) -> list[tuple[AdaptedWeight, list[str]]]:
+def refuse_nonfinite(plan: MergePlan) -> None:
+    """Raise, naming the weight, if any merge of ``plan`` would give NaN or Inf in ``W``'s dtype;
+    one synchronisation for all of them. Nothing is written."""
+    bad = first_nonfinite(t.layer.merged_region(t.weight, names).to(t.weight.dtype) for t, names in plan)
+    if bad is not None:
+        target, names = plan[bad]
+        raise LoRAStateError(
+            f"merging adapter(s) {names} into {target.name!r} gives NaN or Inf in "
+            f"{target.weight.dtype}; no weight was changed. Check the adapter's "
+            f"tensors (lightning-lora inspect) or train with a lower learning rate."
+        )
+
+
+def merge_plan(targets: list[AdaptedWeight], adapter_names: str | Iterable[str] | None) -> MergePlan:
     """Which adapters to merge into which weight; refuses one that is merged already."""
     wanted = [adapter_names] if isinstance(adapter_names, str) else adapter_names
     plan = []
     for target in targets:
         layer = target.layer
         names = layer.active_adapters if wanted is None else [n for n in wanted if n in layer.lora_A]
+        if names and quantized.is_packed(target.weight):
+            raise LoRAStateError(
+                f"cannot merge into {target.name!r}: its base weight is quantized ({target.weight.dtype}, "
+                f"packed), and writing ΔW into it would corrupt it. unload_lora(model, merge=True) replaces "
+                f"each quantized layer by a dense one holding W + ΔW in its compute dtype (or requantizes "
+                f"it with requantize=True); or keep the adapter separate."
+            )
         done = [n for n in names if n in layer.merged_adapters]
         if done:
             raise LoRAStateError(
@@ -66,6 +75,32 @@ def _merge_plan(
     return plan
 
 
+def refuse_tied(model: nn.Module, plan: list[tuple[AdaptedWeight, list[str]]]) -> None:
+    """Refuse to merge into a weight that other modules share (tied input and output
+    embeddings): ``W + ΔW`` would reach them too, though the adapter only adds to one of them,
+    so the merged model would compute something the trained one never did. Injection refuses
+    such targets already (:mod:`~lightning_lora.sharing`); this catches weights tied after it.
+    One module registered under two names is not tied: it is one module with one adapter."""
+    holders = tensor_holders(model)
+    for target, _ in plan:
+        others = other_holders(holders, target.weight, _owner(model, target))
+        if others:
+            raise LoRAStateError(
+                f"cannot merge into {target.name!r}: its weight is one tensor with {others} (tied weights), so ΔW "
+                f"would change {others[0]!r} as well, which the adapter does not update; no weight was changed. "
+                f"Keep the adapter unmerged (unload_lora(model, merge=False), or LoRACallback(merge_on_fit_end="
+                f"False)), or untie the weights before injecting (e.g. tie_word_embeddings=False)."
+            )
+
+
+def _owner(model: nn.Module, target: AdaptedWeight) -> nn.Module:
+    """The module whose tensor ``target.weight`` is, as :mod:`~lightning_lora.sharing` names owners:
+    a wrapper for its base layer's weight, the parametrized module for a parametrization's."""
+    if isinstance(target.layer, LoRAWrapper):
+        return target.layer
+    return model.get_submodule(f".{target.path}".split(".parametrizations.")[0].lstrip("."))
+
+
 def unmerge_lora(model: nn.Module) -> None:
     """``W ← W − ΔW`` for every merged adapter (exact in fp32; in bf16 within a rounding of
     ``|W| + |ΔW|``, see the README)."""
@@ -74,3 +109,47 @@ def unmerge_lora(model: nn.Module) -> None:
         raise LoRAStateError("nothing to unmerge: no adapter is merged (see merge_lora).")
     for target in targets:
         target.layer.unmerge(target.weight)
+
+
+def merge_quantized(model: nn.Module, requantize: bool = False) -> list[quantized.RequantizationError]:
+    """Merge the active adapters of every LoRA layer over a quantized base and put a plain layer
+    in its place: a dense ``nn.Linear`` in the base's compute dtype holding ``W + ΔW`` (``W``
+    dequantized, the sum formed in float32, cast once), or with ``requantize`` the base's own
+    quantized type holding ``Q(W + ΔW)``; returns the error each requantization added (empty
+    without ``requantize``). All or nothing: every result is checked for NaN/Inf before any
+    layer is replaced. Layers over dense weights are left to :func:`merge_lora`."""
+    targets = [
+        t
+        for t in adapted_weights(model)
+        if isinstance(t.layer, LoRALinear) and quantized.is_quantized(t.layer.base_layer)
+    ]
+
+    def merged(t: AdaptedWeight):
+        base = t.layer.base_layer
+        updates = [t.layer.update(n) for n in t.layer.unmerged_active()]
+        return merged_block(quantized.dequantized(base), updates).to(quantized.compute_dtype(base))
+
+    bad = first_nonfinite(merged(t) for t in targets)
+    if bad is not None:
+        raise LoRAStateError(
+            f"merging into the quantized weight of {targets[bad].name!r} gives NaN or Inf in "
+            f"{quantized.compute_dtype(targets[bad].layer.base_layer)}; no layer was changed."
+        )
+    errors = []
+    for t in targets:
+        base, weight = t.layer.base_layer, merged(t)
+        if requantize:
+            plain, error = quantized.requantized(base, weight, t.name)
+            errors.append(error)
+        else:
+            plain = quantized.dense_linear(base, weight)
+        parent, _, child = t.path.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)
+    if errors:
+        worst = max(errors, key=lambda e: e.relative)
+        warnings.warn(
+            f"requantized {len(errors)} merged layer(s); the largest error is in {worst.name!r}: "
+            f"‖Q(W+ΔW) − (W+ΔW)‖/‖W+ΔW‖ = {worst.relative:.3g} (max abs {worst.max_abs:.3g}).",
+            stacklevel=2,
+        )
+    return errors

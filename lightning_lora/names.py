@@ -8,17 +8,19 @@ An adapted weight is named after the module that owns it:
 * ``blocks.0.attn.q_proj_weight``: a separate q/k/v weight (MHA with ``kdim``/``vdim``).
 
 In an adapter file the tensors of weight ``<name>`` are ``base_model.model.<name>.lora_A.weight``
-and ``.lora_B.weight`` (PEFT's keys, so an ``nn.Linear``'s name is exactly PEFT's), and a trained
-module's tensors are ``base_model.model.<state-dict key>``. An ``nn.MultiheadAttention`` is
-written in PEFT's layout instead (:mod:`lightning_lora.peft_mha`): one pair named after the module
-over its fused ``in_proj_weight``, and one named ``<mha>.base_layer.out_proj``. Everything that
-builds or reads such a name calls this module.
+and ``.lora_B.weight`` (PEFT's keys, so a layer's name is exactly PEFT's), or
+``base_model.model.<name>.lora_embedding_A`` and ``.lora_embedding_B`` for an ``nn.Embedding``
+(PEFT's keys for it), and a trained module's tensors are ``base_model.model.<state-dict key>``.
+An ``nn.MultiheadAttention`` is written in PEFT's layout (:mod:`lightning_lora.peft_mha`): one
+pair named after the module over its fused ``in_proj_weight``, and one named
+``<mha>.base_layer.out_proj``. Everything that builds or reads such a name calls this module.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 QKV = ("q", "k", "v")
 """The blocks of a fused in-projection, in the order of its rows."""
@@ -39,7 +41,7 @@ CHECKPOINT_KEY = "lightning_lora"
 (``checkpoint[CHECKPOINT_KEY]``: whether it is adapter-only, its keys and config)."""
 
 _NAME = re.compile(r"(?P<module>.+)\.(?:in_proj_weight\[(?P<fused>[qkv])\]|(?P<separate>[qkv])_proj_weight)")
-_FILE_KEY = re.compile(r"(?P<name>.+)\.lora_(?P<part>[AB])(?:\.weight)?")
+_FILE_KEY = re.compile(r"(?P<name>.+)\.lora_(?P<embedding>embedding_)?(?P<part>[AB])(?:\.weight)?")
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,20 @@ def block_rows(label: str, total_rows: int) -> tuple[int, int]:
     return i * third, (i + 1) * third
 
 
-def file_key(name: str, part: str) -> str:
-    """Key of ``lora_A`` (``part="A"``) or ``lora_B`` of weight ``name`` in an adapter file."""
+class FileKey(NamedTuple):
+    """A parsed adapter-file key: the adapted weight's name, ``"A"`` or ``"B"``, and whether it
+    is spelled as PEFT spells an ``nn.Embedding``'s (``lora_embedding_A``)."""
+
+    name: str
+    part: str
+    embedding: bool = False
+
+
+def file_key(name: str, part: str, embedding: bool = False) -> str:
+    """Key of ``lora_A`` (``part="A"``) or ``lora_B`` of weight ``name`` in an adapter file
+    (``lora_embedding_A`` / ``_B`` for an ``nn.Embedding``, as PEFT writes them)."""
+    if embedding:
+        return f"{FILE_PREFIX}{name}.lora_embedding_{part}"
     return f"{FILE_PREFIX}{name}.lora_{part}.weight"
 
 
@@ -95,7 +109,7 @@ def peft_mha_owner(name: str) -> str | None:
     return name.removesuffix(PEFT_MHA_OUT) if name.endswith(PEFT_MHA_OUT) else None
 
 
-def parse_file_key(key: str) -> tuple[str, str] | None:
-    """``(weight name, "A" | "B")`` of an adapter-file key, ``None`` for any other tensor."""
+def parse_file_key(key: str) -> FileKey | None:
+    """Inverse of :func:`file_key`; ``None`` for any other tensor."""
     m = _FILE_KEY.fullmatch(key.removeprefix(FILE_PREFIX))
-    return (m["name"], m["part"]) if m else None
+    return FileKey(m["name"], m["part"], bool(m["embedding"])) if m else None

@@ -81,7 +81,7 @@ def adapter_entries(
                 for part in "AB":
                     key = ".".join(filter(None, (target.path, f"lora_{part}", name)))
                     tensor = getattr(target.layer, f"lora_{part}")[name]
-                    yield AdapterEntry(key, file_key(target.name, part), tensor)
+                    yield AdapterEntry(key, file_key(target.name, part, target.layer.embedding_keys), tensor)
     if include_trainable:
         for module_name in trainable_module_names(model, adapter_name):
             for key, tensor in model.get_submodule(module_name).state_dict(prefix=f"{module_name}.").items():

@@ -44,14 +44,16 @@ HARMLESS_FIELDS = {
     "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_config",
     "megatron_core", "loftq_config", "eva_config", "corda_config", "qalora_group_size",
     "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config",
-    "velora_config", "arrow_config", "use_bdlora",
+    "velora_config", "arrow_config", "use_bdlora", "fan_in_fan_out",
 }  # fmt: skip
+# ``fan_in_fan_out`` is harmless too: PEFT decides it per module from the layer type (it forces it
+# on for transformers' Conv1D and off for nn.Linear, with a warning, whatever the file says), and
+# so does lightning-lora (:class:`~lightning_lora.layer_types.LoRAConv1D`).
 # Fields whose non-default value means an adapter we cannot compute the same way.
 MATH_FIELDS = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a trained bias on lora_B",
     "bias": "trained biases of the base layers",
-    "fan_in_fan_out": "transposed (Conv1D) weights",
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
     "target_parameters": "LoRA on bare nn.Parameters",
@@ -144,7 +146,7 @@ def peft_config_dict(
         "exclude_modules": exclude or None,
         "modules_to_save": trainable_module_names(model, adapter_name) or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(transposed_weights(model, adapter_name)),
         "init_lora_weights": True,
         "use_rslora": config.use_rslora,
         "use_dora": False,
@@ -152,6 +154,18 @@ def peft_config_dict(
         "alpha_pattern": alpha_pattern,
         "inference_mode": True,
     }
+
+
+def transposed_weights(model: nn.Module, adapter_name: str = "default") -> list[str]:
+    """Names of the weights of ``adapter_name`` stored ``(d_in, d_out)`` under ``lora_A`` /
+    ``lora_B`` keys (transformers' ``Conv1D``: PEFT's ``fan_in_fan_out``). Files record them, so
+    a file merged into a checkpoint without the model (``lightning-lora merge``) adds ``ΔWᵀ``
+    there; an embedding's keys say so themselves."""
+    return [
+        t.name
+        for t in adapted_weights(model)
+        if adapter_name in t.layer.lora_A and t.layer.transposed and not t.layer.embedding_keys
+    ]
 
 
 def pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:

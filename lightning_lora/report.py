@@ -18,7 +18,7 @@ report puts a number on it, for one probe batch, and says whether the dtype expl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LoRAStateError
-from .layers import merged_block
-from .merge import merge_lora
+from .layers import matrix_view, merged_block
+from .merge import merge_lora, merge_plan, refuse_nonfinite, refuse_tied
 from .names import block_rows, parse_weight_name
 from .state import require_adapted
 
@@ -216,16 +216,16 @@ def merge_report(
     copying nothing: what ``LoRACallback`` does at the end of ``fit`` just before it unloads.
     A merge that ``merge_lora`` refuses (NaN/Inf, a shared weight) raises and changes nothing.
     """
-    targets = [t for t in require_adapted(model, "report on a merge") if t.layer.unmerged_active()]
-    if not targets:
-        raise LoRAStateError("nothing to merge: no active, unmerged adapter (see set_adapter, unmerge_lora).")
+    plan = merge_plan(require_adapted(model, "report on a merge"), None)  # what merge_lora will do
+    refuse_tied(model, plan)  # its refusals first: nothing below runs on a merge it would refuse
+    refuse_nonfinite(plan)
     weights = _Weights()
-    for t in targets:  # one weight at a time: never a second copy of the model
-        exact = t.layer.merged_region(t.weight, t.layer.unmerged_active())
+    for t, names in plan:  # one weight at a time: never a second copy of the model
+        exact = t.layer.merged_region(t.weight, names)
         weights.add(t.name, exact, exact.to(t.weight.dtype))  # what merge_lora writes: the fp32 sum, cast once
     with _probing(model):
         before = _outputs(model, inputs, forward, watch)
-        saved = None if keep_merged else [(t, t.layer.region(t.weight).detach().cpu().clone()) for t in targets]
+        saved = None if keep_merged else [(t, t.layer.region(t.weight).detach().cpu().clone()) for t, _ in plan]
         merge_lora(model, safe=True)
         try:
             after = _outputs(model, inputs, forward, watch)
@@ -250,22 +250,31 @@ def merge_report(
 def _restore(saved: list[tuple[Any, Tensor]]) -> None:
     """Put the pre-merge weights back, bit for bit, and mark nothing merged."""
     for target, region in saved:
-        target.layer.region(target.weight).copy_(region)
+        target.layer.write_region(target.weight, region.to(target.weight.device))
         target.layer.merged_adapters = []
 
 
 def file_merge_report(
-    base: Mapping[str, Tensor], merged: Mapping[str, Tensor], adapter: AdapterFile, prefix: str = ""
+    base: Mapping[str, Tensor],
+    merged: Mapping[str, Tensor],
+    adapter: AdapterFile,
+    prefix: str = "",
+    transposed: Collection[str] = (),
 ) -> MergeReport:
     """The weight part of the report for a merge of files (``lightning-lora merge``: no model,
-    so no outputs): each merged tensor written against the exact fp32 merge of the base's."""
+    so no outputs): each merged tensor written against the exact fp32 merge of the base's.
+    ``transposed`` names the weights stored ``(d_in, d_out)`` (transformers' ``Conv1D``)."""
     weights = _Weights()
     for name in adapter.pairs:
         parsed = parse_weight_name(name)
         key = parsed.state_dict_key(prefix)
-        rows = slice(*block_rows(parsed.label, base[key].shape[0])) if parsed.fused else slice(None)
-        exact = merged_block(base[key][rows], [adapter.update(name)])
-        weights.add(name, exact, merged[key][rows])
+        rows = block_rows(parsed.label, base[key].shape[0]) if parsed.fused else None
+
+        def region(weight: Tensor, rows: tuple[int, int] | None = rows, flip: bool = name in transposed) -> Tensor:
+            return weight[rows[0] : rows[1]] if rows is not None else matrix_view(weight, flip)
+
+        exact = merged_block(region(base[key]), [adapter.update(name)])
+        weights.add(name, exact, region(merged[key]))
     return MergeReport(
         dtype=str(weights.dtype).removeprefix("torch."),
         weights=weights.count,

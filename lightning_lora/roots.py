@@ -140,11 +140,16 @@ def _rename(file: AdapterFile, fn: Callable[[str], str]) -> AdapterFile:
         config[field] = {fn(k) if k in exact else k: v for k, v in (config.get(field) or {}).items()}
     if config.get("modules_to_save"):
         config["modules_to_save"] = [fn(n) if n in exact else n for n in config["modules_to_save"]]
+    extras = dict(file.extras)
+    if extras.get("fan_in_fan_out"):
+        extras["fan_in_fan_out"] = [fn(n) for n in extras["fan_in_fan_out"]]
     return replace(
         file,
         config=config,
+        extras=extras,
         pairs={fn(n): ab for n, ab in file.pairs.items()},
         trainable={fn(k): t for k, t in file.trainable.items()},
+        embedding=frozenset(fn(n) for n in file.embedding),
         alphas={fn(n): a for n, a in file.alphas.items()},
     )
 

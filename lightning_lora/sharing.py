@@ -4,8 +4,9 @@ A merge writes ``W + ΔW`` into a weight *tensor*. If another module holds the s
 language model's ``lm_head`` tied to its input embedding, two layers given one ``nn.Parameter``),
 that module moves too, and the merged model is no longer the trained one. Exact handling would
 need one adapter shared by every holder (an embedding adapter tied to the output layer's);
-until then lightning-lora refuses such a target at injection, naming both modules, and refuses
-a merge that would write into a tensor some other module reads (aliasing made after injection).
+until then lightning-lora refuses such a target at injection, naming both modules
+(:func:`refuse_shared_targets`), and ``merge_lora`` refuses a merge into a tensor some other
+module holds (aliasing made after injection) with :func:`tensor_holders` / :func:`other_holders`.
 
 A module object registered under several names is *not* aliasing: it is one module, its adapter
 is applied wherever it is used (:func:`module_places` finds every place to put it).
@@ -17,8 +18,8 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from .errors import LoRAStateError, LoRATargetError
-from .layers import LoRALinear
+from .errors import LoRATargetError
+from .layers import LoRAWrapper
 from .names import WRAPPED_CHILD
 
 
@@ -32,14 +33,14 @@ def _tensor_key(t: Tensor) -> object:
 
 def _owner_path(path: str, modules: dict[str, nn.Module]) -> str:
     """The module a tensor belongs to, seen through LoRA's own carriers and through wrappers:
-    the base layer of a ``LoRALinear``, the ``parametrizations.<tensor>`` list of a parametrized
+    the base layer of a LoRA wrapper (``LoRALinear``, ``LoRAConv``, ...), the ``parametrizations.<tensor>`` list of a parametrized
     module, and a module that FSDP, checkpointing or compile wraps all stand for the module
     that holds them."""
     if ".parametrizations." in f".{path}":
         path = f".{path}".split(".parametrizations.")[0].lstrip(".")
     while path:
         parent, _, child = path.rpartition(".")
-        if child in WRAPPED_CHILD or (child == "base_layer" and isinstance(modules.get(parent), LoRALinear)):
+        if child in WRAPPED_CHILD or (child == "base_layer" and isinstance(modules.get(parent), LoRAWrapper)):
             path = parent
         else:
             break
@@ -66,7 +67,7 @@ def other_holders(holders: dict[object, dict[int, str]], weight: Tensor, module:
 
 def _fix(name: str) -> str:
     return (
-        f"Leave it out (target_modules='all-linear' does: it never adapts the output layer), or untie "
+        f"Leave it out of target_modules (target_modules='all-linear' leaves out a tied output layer), or untie "
         f"the weight before injecting, e.g. `model.get_submodule({name!r}).weight = "
         f"nn.Parameter(model.get_submodule({name!r}).weight.detach().clone())` (for a Hugging Face "
         f"model also set config.tie_word_embeddings=False so a reload does not tie it again)."
@@ -80,36 +81,25 @@ def refuse_shared_targets(model: nn.Module, targets: Iterable[tuple[str, nn.Modu
     for name, module, weight in targets:
         others = other_holders(holders, weight, module)
         if others:
+            tied = " (tied embeddings)" if _is_embedding(model, [name, *others]) else ""
             raise LoRATargetError(
-                f"cannot adapt {name!r}: its weight is the same tensor as {others[0]!r}'s"
-                f"{' (tied embeddings)' if _is_embedding(model, others) else ''}, so merging ΔW into it would "
-                f"change {others[0]!r} too and the merged model would differ from the trained one. " + _fix(name)
-            )
-
-
-def refuse_shared_merge(model: nn.Module, targets: Iterable[tuple[str, nn.Module, Tensor]]) -> None:
-    """The same check at merge time, for aliasing made after injection (``LoRAStateError``;
-    nothing has been written when it raises)."""
-    holders = tensor_holders(model)
-    for name, module, weight in targets:
-        others = other_holders(holders, weight, module)
-        if others:
-            raise LoRAStateError(
-                f"cannot merge into {name!r}: its weight is now also held by {others[0]!r} (tied after "
-                f"injection?), so the merge would change {others[0]!r} too; no weight was changed. Keep the "
-                f"adapter unmerged, or give {name!r} its own copy of the weight and merge again."
+                f"cannot adapt {name!r}: its weight is the same tensor as {others[0]!r}'s{tied}, so merging ΔW "
+                f"into it would change {others[0]!r} too and the merged model would differ from the trained one. "
+                + _fix(name)
             )
 
 
 def _is_embedding(model: nn.Module, names: list[str]) -> bool:
-    return any(isinstance(model.get_submodule(n), (nn.Embedding, nn.EmbeddingBag)) for n in names if n)
+    modules = [model.get_submodule(n) for n in names if n]
+    return any(isinstance(getattr(m, "base_layer", m), (nn.Embedding, nn.EmbeddingBag)) for m in modules)
 
 
 def output_layers(model: nn.Module) -> set[int]:
     """Ids of the modules ``target_modules="all-linear"`` leaves out, as PEFT does: a model's
     output layer. Found without importing transformers: what any submodule's
     ``get_output_embeddings()`` returns (Hugging Face's ``lm_head``), and any ``nn.Linear`` whose
-    weight is an embedding's weight (a tied output layer of any model)."""
+    weight is an embedding's weight (a tied output layer of any model, e.g. a ``Linear`` or a
+    transformers ``Conv1D``)."""
     found: set[int] = set()
     embeddings = {_tensor_key(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     for module in model.modules():
@@ -122,8 +112,9 @@ def output_layers(model: nn.Module) -> set[int]:
             if isinstance(out, nn.Module):
                 found.add(id(out))
         weight = getattr(module, "weight", None)
+        base = module.base_layer if isinstance(module, LoRAWrapper) else module
         tied = isinstance(weight, Tensor) and _tensor_key(weight) in embeddings
-        if tied and isinstance(module, (nn.Linear, LoRALinear)):
+        if tied and not isinstance(base, (nn.Embedding, nn.EmbeddingBag)):
             found.add(id(module))
     return found
 

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from .config import LoRAConfig
 from .errors import LoRAStateError
-from .layers import LoRALayer, LoRALinear, LoRAParametrization
+from .layers import LoRALayer, LoRAParametrization, LoRAWrapper
 from .names import weight_name
 
 STATE_ATTR = "_lightning_lora"
@@ -63,7 +63,7 @@ def lora_config(model: nn.Module, adapter_name: str = "default") -> LoRAConfig:
 def adapted_weights(model: nn.Module) -> Iterator[AdaptedWeight]:
     """Every adapted weight of ``model``, in module order."""
     for path, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAWrapper):
             yield AdaptedWeight(path, path, module, module.base_layer.weight)
         elif parametrize.is_parametrized(module):
             for tensor_name, chain in module.parametrizations.items():

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .quantized import logical_numel
 from .state import adapted_weights
 from .tables import render_table, repeated_block
 
@@ -69,7 +70,7 @@ def parameter_stats(model: nn.Module) -> ParameterStats:
         for name in t.layer.adapter_names
     ]
     return ParameterStats(
-        trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        trainable=sum(logical_numel(p) for p in params if p.requires_grad),
+        total=sum(logical_numel(p) for p in params),
         modules=modules,
     )

@@ -1,9 +1,11 @@
 """Module surgery: putting LoRA layers into a module tree and taking them out again.
 
-Two carriers (see :mod:`lightning_lora.layers`): an ``nn.Linear`` is swapped for a
-:class:`LoRALinear` that wraps it; a weight that its owner reads directly (the fused q/k/v of an
-``nn.MultiheadAttention``, its ``out_proj``, the Linears of ``nn.TransformerEncoderLayer``, whose
-inference fast path never calls them) gets a :class:`LoRAParametrization`. Taking them out gives
+Two carriers (see :mod:`lightning_lora.layers`): a module is swapped for the wrapper its type
+calls for (:data:`~lightning_lora.targets.LAYER_TYPES`: a :class:`LoRALinear` for an
+``nn.Linear``, a ``LoRAConv`` for an ``nn.Conv2d``, ...); a weight that its owner reads directly
+(the fused q/k/v of an ``nn.MultiheadAttention``, its ``out_proj``, the Linears of
+``nn.TransformerEncoderLayer``, whose inference fast path never calls them) gets a
+:class:`LoRAParametrization`. Taking them out gives
 back the original modules, parameter order and ``requires_grad`` flags, from the
 :class:`~lightning_lora.state.LoRAState` recorded at the first injection.
 
@@ -19,12 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import quantized
 from .config import LoRAConfig
 from .errors import LoRAStateError, LoRATargetError
-from .layers import LoRALayer, LoRALinear, LoRAParametrization
+from .layers import LoRALayer, LoRAParametrization, LoRAWrapper
 from .names import block_rows, weight_name
 from .state import STATE_ATTR, LoRAState, lora_state
-from .targets import Selected
+from .targets import Selected, layer_type
 
 # Parents that read their Linear children's ``.weight`` directly instead of calling them:
 # MultiheadAttention (out_proj) and TransformerEncoderLayer's inference fast path (linear1,
@@ -40,19 +43,22 @@ def adapt(
     places: dict[int, list[tuple[nn.Module, str]]] | None = None,
 ) -> None:
     """Give the selected module adapter ``adapter_name``: a new LoRA layer, or a new adapter in
-    the layer it already has. A new ``LoRALinear`` replaces the module under every
+    the layer it already has. A new wrapper replaces the module under every
     ``(parent, attribute)`` that ``places`` (:func:`~lightning_lora.sharing.module_places`)
     lists for it; without ``places``, under ``target.name`` only."""
     module, parent = target.module, target.parent
-    if isinstance(module, LoRALinear):
-        _add(module, config, adapter_name, module.weight)
+    if isinstance(module, LoRAWrapper):
+        _add(module, config, adapter_name, module.weight, module.base_layer)
     elif isinstance(module, nn.MultiheadAttention):
         _adapt_mha(module, target.name, config, adapter_name, state, target.with_out_proj)
-    elif isinstance(parent, _READS_CHILD_WEIGHTS):
+    elif isinstance(module, nn.Linear) and isinstance(parent, _READS_CHILD_WEIGHTS):
         _parametrize(module, "weight", None, "", config, adapter_name, state, target.name)
     else:
-        wrapped = LoRALinear(module)
-        _add(wrapped, config, adapter_name, module.weight)
+        kind = layer_type(module)
+        if kind is None or kind.wrapper is None:  # find_targets selects supported types only
+            raise LoRATargetError(f"{target.name!r} ({type(module).__name__}) has no LoRA wrapper.")
+        wrapped = kind.wrapper(module)
+        _add(wrapped, config, adapter_name, module.weight, module)
         where = (places or {}).get(id(module)) or [(parent, target.name.rsplit(".", 1)[-1])]
         for holder, attr in where:
             setattr(holder, attr, wrapped)
@@ -62,8 +68,8 @@ def target_tensors(target: Selected, config: LoRAConfig) -> list[tuple[str, nn.M
     """``(weight name, owning module, tensor)`` of every weight :func:`adapt` will give an
     adapter for ``target``: what a merge would later write into."""
     module = target.module
-    if isinstance(module, LoRALinear):
-        return [(target.name, module, module.weight)]
+    if isinstance(module, LoRAWrapper):
+        return [(target.name, module, module.base_layer.weight)]
     if not isinstance(module, nn.MultiheadAttention):
         return [(target.name, module, _original(module, "weight"))]
     found = []
@@ -92,9 +98,13 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
-def _adapter_dtype(config: LoRAConfig, weight: Tensor) -> torch.dtype:
+def _adapter_dtype(config: LoRAConfig, weight: Tensor, base: nn.Module | None) -> torch.dtype:
+    """``adapter_dtype``, else the dtype the base computes in: its weight's, or a quantized
+    layer's compute dtype (bf16 for a 4-bit base computing in bf16: QLoRA's choice)."""
     if config.adapter_dtype is not None:
         return getattr(torch, config.adapter_dtype)
+    if base is not None and quantized.is_quantized(base):
+        return quantized.compute_dtype(base)
     if not weight.is_floating_point():
         raise LoRATargetError(
             f"cannot follow a {weight.dtype} base weight for the adapter dtype; set adapter_dtype='float32'."
@@ -102,8 +112,9 @@ def _adapter_dtype(config: LoRAConfig, weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _add(layer: LoRALayer, config: LoRAConfig, name: str, weight: Tensor) -> None:
-    layer.add_adapter(name, config.spec, dtype=_adapter_dtype(config, weight), device=weight.device)
+def _add(layer: LoRALayer, config: LoRAConfig, name: str, weight: Tensor, base: nn.Module | None = None) -> None:
+    dtype = _adapter_dtype(config, weight, base)
+    layer.add_adapter(name, config.spec, dtype=dtype, device=weight.device)
 
 
 def _parametrize(
@@ -179,11 +190,11 @@ def remove_empty_layers(model: nn.Module) -> None:
 
 
 def _remove_layers(model: nn.Module, state: LoRAState, empty_only: bool) -> None:
-    """Swap every LoRALinear back for its base layer and remove LoRA's parametrizations (with
+    """Swap every LoRA wrapper back for its base layer and remove LoRA's parametrizations (with
     ``empty_only``: only those that hold no adapter), restoring the parameters' order."""
     for _, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, module in list(parent._modules.items()):
-            if isinstance(module, LoRALinear) and not (empty_only and module.adapter_names):
+            if isinstance(module, LoRAWrapper) and not (empty_only and module.adapter_names):
                 setattr(parent, child_name, module.base_layer)
     for path, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):

@@ -3,10 +3,11 @@
 
 Patterns follow PEFT: a list entry matches a module whose name equals it or ends with ``"." +
 entry``; one string is a regular expression over the full name; ``"all-linear"`` takes every
-supported layer except the model's output layer (PEFT's rule; :func:`~lightning_lora.sharing.output_layers`)
-and warns about weight layers it cannot adapt. Unlike PEFT, every list entry must match
-something, so a typo fails loudly. ``exclude_modules`` and ``trainable_modules`` apply before
-any type check: an excluded module is never looked at.
+linear layer (:data:`LAYER_TYPES` says which types count, as PEFT counts them: conv and embedding
+layers are adapted only when named) except the model's output layer (PEFT's rule:
+:func:`~lightning_lora.sharing.output_layers`), and warns about the weight layers it leaves out.
+Unlike PEFT, every list entry must match something, so a typo fails loudly. ``exclude_modules``
+and ``trainable_modules`` apply before any type check: an excluded module is never looked at.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import difflib
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,17 +25,45 @@ from torch.nn.utils import parametrize
 
 from .config import ALL_LINEAR, LoRAConfig
 from .errors import LoRATargetError
-from .layers import LoRALinear
+from .layer_types import LoRAConv, LoRAConv1D, LoRAEmbedding
+from .layers import LoRALinear, LoRAWrapper
 from .names import QKV, parse_weight_name
 from .sharing import output_layers
 
-ADAPTABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.MultiheadAttention)
-"""The layer types LoRA adapts (subclasses too): the one list every check and message reads."""
 
-SUPPORTED = ", ".join(f"nn.{t.__name__}" for t in ADAPTABLE) + " (and their subclasses)"
+@dataclass(frozen=True)
+class LayerType:
+    """A type of layer LoRA adapts: how to recognise it, the wrapper that adapts it (``None``:
+    ``nn.MultiheadAttention``, whose weights get a parametrization instead, see
+    :mod:`lightning_lora.surgery`), whether ``"all-linear"`` includes it, and which modules of
+    the type are refused (a reason, or ``None``)."""
 
-_NOT_LINEAR = (nn.Embedding, nn.EmbeddingBag)
-"""Weight layers that ``"all-linear"`` does not mean, so it does not report skipping them."""
+    label: str
+    matches: Callable[[nn.Module], bool]
+    wrapper: type[LoRAWrapper] | None
+    all_linear: bool
+    refusal: Callable[[nn.Module], str | None] = lambda module: None
+
+
+LAYER_TYPES = (
+    LayerType("nn.Linear (and its subclasses)", lambda m: isinstance(m, nn.Linear), LoRALinear, True),
+    LayerType("transformers Conv1D", LoRAConv1D.matches, LoRAConv1D, True),
+    LayerType("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), None, True),
+    LayerType("nn.Conv1d/2d/3d", LoRAConv.matches, LoRAConv, False, LoRAConv.refusal),
+    LayerType("nn.Embedding", LoRAEmbedding.matches, LoRAEmbedding, False, LoRAEmbedding.refusal),
+)
+"""Every layer type LoRA adapts, in one place. ``"all-linear"`` follows PEFT: linear layers
+(transformers' ``Conv1D`` included, GPT-2's projections), never conv or embedding layers."""
+
+SUPPORTED = ", ".join(t.label for t in LAYER_TYPES)
+LINEAR_TYPES = ", ".join(t.label for t in LAYER_TYPES if t.all_linear)
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The :class:`LayerType` of ``module`` (of the module it wraps, for a LoRA wrapper)."""
+    if isinstance(module, LoRAWrapper):
+        module = module.base_layer
+    return next((t for t in LAYER_TYPES if t.matches(module)), None)
 
 
 @dataclass(frozen=True)
@@ -48,8 +77,8 @@ class Selected:
 
 
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
-    """(name, module, parent) for every module a pattern may name: a LoRALinear stands for the
-    Linear it wraps, and LoRA's own internals (banks, parametrizations) are never candidates."""
+    """(name, module, parent) for every module a pattern may name: a LoRA wrapper stands for the
+    module it wraps, and LoRA's own internals (banks, parametrizations) are never candidates."""
     seen: set[int] = set()
 
     def visit(prefix: str, module: nn.Module, parent: nn.Module | None) -> Iterator[Any]:
@@ -58,7 +87,7 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]
         seen.add(id(module))
         if prefix:
             yield prefix, module, parent
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAWrapper):
             return
         for child_name, child in module.named_children():
             if child_name == "parametrizations" and parametrize.is_parametrized(module):
@@ -69,14 +98,19 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]
 
 
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, (*ADAPTABLE, LoRALinear))
+    return layer_type(module) is not None
+
+
+def _linear(module: nn.Module) -> bool:
+    kind = layer_type(module)
+    return kind is not None and kind.all_linear
 
 
 def _weight_layer(module: nn.Module) -> bool:
-    """A layer with a weight matrix (or kernel) of its own that LoRA cannot adapt yet: what
-    ``"all-linear"`` reports skipping (transformers' ``Conv1D``, ``nn.Conv2d``, ...)."""
+    """A layer with a weight matrix (or kernel) of its own: what ``"all-linear"`` reports when
+    it leaves one out. Embeddings are not counted: no one means them by "all-linear"."""
     weight = module._parameters.get("weight")
-    return weight is not None and weight.dim() >= 2 and not _supported(module) and not isinstance(module, _NOT_LINEAR)
+    return weight is not None and weight.dim() >= 2 and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -159,6 +193,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
             f"target_modules={spec!r} selects {name!r} of type {type(module).__name__}, which "
             f"LoRA cannot adapt (supported: {SUPPORTED}).{fix}"
         )
+    _refuse_inexact(chosen, spec)
     names = {n for n, _, _ in chosen}
     # An out_proj inside a chosen MultiheadAttention is adapted with it, not on its own.
     chosen = [
@@ -175,36 +210,59 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
 def _all_linear(
     model: nn.Module, walked: list[tuple[str, nn.Module, nn.Module | None]]
 ) -> list[tuple[str, nn.Module, nn.Module | None]]:
-    """PEFT's ``"all-linear"``: every supported layer except the output layer. Weight layers
-    of other types are reported in one warning (or in the error, if nothing is left), so a
-    model whose layers LoRA cannot adapt yet never trains only its head without a word."""
+    """PEFT's ``"all-linear"``: every linear layer except the output layer. The weight layers it
+    leaves out (convs, which LoRA adapts when named; types LoRA cannot adapt) are reported in
+    one warning, or in the error if nothing is left, so a model never trains only its head
+    without a word."""
     outputs = output_layers(model)
     inside = {id(m) for _, m, _ in walked if _supported(m)}
-    chosen = [(n, m, p) for n, m, p in walked if _supported(m) and id(m) not in outputs]
-    skipped = [(n, m) for n, m, p in walked if _weight_layer(m) and id(p) not in inside]
-    left_out = [n for n, m, _ in walked if id(m) in outputs and _supported(m)]
-    if skipped:
-        counts = Counter(type(m).__name__ for _, m in skipped)
-        kinds = ", ".join(f"{k} ({v})" for k, v in counts.most_common())
-        what = (
-            f"target_modules='{ALL_LINEAR}' cannot adapt {len(skipped)} weight layer(s) of {type(model).__name__}: "
-            f"{kinds}, e.g. {skipped[0][0]!r} (supported: {SUPPORTED})."
+    chosen = [(n, m, p) for n, m, p in walked if _linear(m) and id(m) not in outputs]
+    left = [(n, m) for n, m, p in walked if _weight_layer(m) and not _linear(m) and id(p) not in inside]
+    adaptable = [(n, m) for n, m in left if _supported(m) and not (layer_type(m).refusal(m) or "")]
+    named = Counter(type(m).__name__ for _, m in adaptable)
+    unsupported = Counter(type(m).__name__ for n, m in left if (n, m) not in adaptable)
+    output = next((n for n, m, _ in walked if id(m) in outputs and _linear(m)), None)
+    parts = []
+    if named:
+        kinds = ", ".join(f"{k} ({v})" for k, v in named.most_common())
+        parts.append(
+            f"{kinds}, which it does not count as linear (PEFT's meaning): name them in target_modules to adapt them"
         )
-        if not chosen:
-            out = f" It leaves out the output layer {left_out[0]!r} (as PEFT does)." if left_out else ""
-            raise LoRATargetError(f"{what}{out} Nothing is left to adapt.")
+    if unsupported:
+        kinds = ", ".join(f"{k} ({v})" for k, v in unsupported.most_common())
+        parts.append(f"{kinds}, which LoRA cannot adapt (exactly; supported: {SUPPORTED})")
+    what = (
+        f"target_modules='{ALL_LINEAR}' leaves out {len(left)} weight layer(s) of {type(model).__name__}, "
+        f"e.g. {left[0][0]!r}: {'; '.join(parts)}."
+        if left
+        else ""
+    )
+    if not chosen:
+        out = f" (the output layer {output!r} is left out, as PEFT does)" if output else ""
+        raise LoRATargetError(
+            f"target_modules='{ALL_LINEAR}' found no {LINEAR_TYPES} in {type(model).__name__}{out}; "
+            f"nothing is left to adapt. {what}".rstrip()
+        )
+    if left:
         warnings.warn(
-            f"{what} They stay frozen; {len(chosen)} module(s) are adapted. Name the targets explicitly, "
-            f"or list these in exclude_modules (or trainable_modules) to silence this.",
+            f"{what} They stay frozen; {len(chosen)} module(s) are adapted. List them in exclude_modules "
+            f"(or trainable_modules) to silence this.",
             stacklevel=4,
         )
-    if not chosen:
-        out = f" (the output layer {left_out[0]!r} is left out, as PEFT does)" if left_out else ""
-        raise LoRATargetError(
-            f"target_modules='{ALL_LINEAR}' found no {SUPPORTED} in {type(model).__name__}{out}; "
-            f"LoRA needs at least one such layer (the root module itself is never replaced)."
-        )
     return chosen
+
+
+def _refuse_inexact(chosen: list[tuple[str, nn.Module, nn.Module | None]], spec: Any) -> None:
+    """Refuse a selected module of a supported type that LoRA cannot adapt exactly (a grouped
+    conv, an embedding with ``max_norm``, ...), naming it, the reason and the fix."""
+    for name, module, _ in chosen:
+        kind = layer_type(module)
+        reason = kind.refusal(module) if kind is not None and not isinstance(module, LoRAWrapper) else None
+        if reason:
+            raise LoRATargetError(
+                f"target_modules={spec!r} selects {name!r} ({type(module).__name__}), which LoRA cannot adapt "
+                f"exactly: {reason}. Leave it out: exclude_modules=[{name!r}]."
+            )
 
 
 def _prefix_hint(missing: str, module_names: Iterable[str]) -> str:

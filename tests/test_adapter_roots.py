@@ -21,7 +21,7 @@ from lightning_lora import (
 from lightning_lora.io import read_adapter
 from lightning_lora.roots import default_adapter_root
 
-from .tiny_models import as_if_trained, ids, llama, logits
+from .hf_models import as_if_trained, ids, llama, logits
 
 TARGETS = ["q_proj", "v_proj"]
 

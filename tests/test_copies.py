@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_lora import inject_lora, merge_lora, unload_lora, unmerge_lora
 
-from .tiny_models import MHANet, as_if_trained
+from .hf_models import MHANet, as_if_trained
 
 
 def encoder():

@@ -12,7 +12,7 @@ from lightning_lora import LoRAStateError, inject_lora, lora_parameters, merge_l
 from lightning_lora.cli import main
 from lightning_lora.report import DRIFT_ULPS, MergeReport, dtype_tolerance, merge_report
 
-from .tiny_models import as_if_trained, bert, ids, llama
+from .hf_models import as_if_trained, bert, ids, llama
 
 
 def lm_logits(model, tokens):

@@ -25,7 +25,7 @@ from lightning_lora import (
 )
 from lightning_lora.peft_mha import CHECKED_PEFT
 
-from .tiny_models import MHANet, as_if_trained
+from .hf_models import MHANet, as_if_trained
 
 X = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
 

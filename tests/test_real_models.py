@@ -22,7 +22,7 @@ from lightning_lora import (
     unload_lora,
 )
 
-from .tiny_models import as_if_trained, gpt2, ids, llama, logits, pvt, resnet, t5
+from .hf_models import as_if_trained, gpt2, ids, llama, logits, pvt, resnet, t5
 
 
 def snapshot(model):
@@ -37,7 +37,7 @@ def unchanged(model, before):
 # ------------------------------------------------------------------------- tied output layers
 
 
-@pytest.mark.parametrize("build", [llama, t5], ids=["llama-tied", "t5"])
+@pytest.mark.parametrize("build", [llama, t5, gpt2], ids=["llama-tied", "t5", "gpt2"])
 def test_all_linear_leaves_out_a_tied_output_layer_so_the_merged_model_equals_the_trained_one(build):
     model = build()
     embedding = model.get_input_embeddings().weight.detach().clone()
@@ -89,7 +89,7 @@ def test_tying_after_injection_makes_the_merge_refuse_and_change_nothing():
     model.model.embed_tokens.weight = model.lm_head.base_layer.weight  # tied behind LoRA's back
     before = snapshot(model)
     with pytest.raises(
-        LoRAStateError, match=r"cannot merge into 'lm_head': its weight is now also held by 'model\.embed_tokens'"
+        LoRAStateError, match=r"cannot merge into 'lm_head': its weight is one tensor with \['model\.embed_tokens'\]"
     ):
         merge_lora(model)
     assert unchanged(model, before) and not model.lm_head.merged_adapters
@@ -155,43 +155,59 @@ def test_a_module_registered_under_two_names_gets_its_adapter_everywhere_it_runs
 PVT_TARGETS = ["query", "key", "value", "proj", "dense1", "dense2"]
 
 
-def test_exclusions_apply_before_the_type_check():
+def test_excluded_modules_are_never_adapted():
     model = pvt()
     names = inject_lora(model, r=4, target_modules=PVT_TARGETS, exclude_modules=["patch_embedding.proj"])
     assert "encoder.layers.0.blocks.0.attention.proj" in names
     assert not any("patch_embedding" in n for n in names)
 
 
+def with_upsampling_head(model):
+    """A segmentation-style head whose transposed conv (a type LoRA cannot adapt) is also
+    named ``proj``: the over-match an exclusion is for."""
+    model.head = nn.Sequential()
+    model.head.add_module("proj", nn.ConvTranspose2d(32, 8, 2, stride=2))
+    return model
+
+
+def test_an_excluded_layer_of_a_type_lora_cannot_adapt_is_never_looked_at():
+    model = with_upsampling_head(pvt())
+    names = inject_lora(model, r=4, target_modules=PVT_TARGETS, exclude_modules=["head.proj", "patch_embedding.proj"])
+    assert "encoder.layers.0.blocks.0.attention.proj" in names and not any("head" in n for n in names)
+
+
 def test_a_matched_layer_of_another_type_says_how_to_leave_it_out():
     with pytest.raises(
         LoRATargetError,
-        match=r"selects 'encoder\.layers\.0\.patch_embedding\.proj' of type Conv2d, which LoRA cannot adapt .* "
-        r"Leave it out with exclude_modules=\['encoder\.layers\.0\.patch_embedding\.proj'\]",
+        match=r"selects 'head\.proj' of type ConvTranspose2d, which LoRA cannot adapt .* "
+        r"Leave it out with exclude_modules=\['head\.proj'\]",
     ):
-        inject_lora(pvt(), r=4, target_modules=PVT_TARGETS)
+        inject_lora(with_upsampling_head(pvt()), r=4, target_modules=PVT_TARGETS)
 
 
 # ------------------------------------------------------------------ what all-linear skips
 
 
-def test_all_linear_on_gpt2_names_the_conv1d_layers_it_cannot_adapt_instead_of_training_only_the_head():
-    model = gpt2()
-    with pytest.raises(LoRATargetError) as err:
-        inject_lora(model, r=4)
-    message = str(err.value)
-    assert (
-        "cannot adapt 8 weight layer(s) of GPT2LMHeadModel: Conv1D (8), e.g. 'transformer.h.0.attn.c_attn'" in message
-    )
-    assert "It leaves out the output layer 'lm_head' (as PEFT does). Nothing is left to adapt." in message
+def test_all_linear_on_gpt2_adapts_its_conv1d_layers_and_not_the_tied_head():
+    names = inject_lora(gpt2(), r=4)
+    assert "transformer.h.0.attn.c_attn" in names and "lm_head" not in names and len(names) == 8
 
 
-def test_all_linear_warns_listing_the_layer_types_it_skips():
+def test_all_linear_warns_listing_the_layer_types_it_leaves_out():
     model = resnet()
     with pytest.warns(
-        UserWarning, match=r"cannot adapt \d+ weight layer\(s\) of ResNetForImageClassification: Conv2d \(\d+\)"
+        UserWarning,
+        match=r"leaves out \d+ weight layer\(s\) of ResNetForImageClassification, e\.g\. '[\w.]+': Conv2d \(\d+\), "
+        r"which it does not count as linear \(PEFT's meaning\): name them in target_modules to adapt them",
     ):
         names = inject_lora(model, r=2)
     assert names == ["classifier.1"]
+
+
+def test_all_linear_names_the_layers_lora_cannot_adapt_at_all():
+    model = with_upsampling_head(pvt())
+    with pytest.warns(UserWarning, match=r"ConvTranspose2d \(1\), which LoRA cannot adapt \(exactly; supported: "):
+        inject_lora(model, r=2, exclude_modules=["patch_embedding", "dwconv", "spatial_reduction"])
 
 
 def test_layers_listed_in_exclude_modules_are_not_reported():

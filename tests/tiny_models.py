@@ -1,116 +1,83 @@
-"""Real Hugging Face models built from tiny configs (random weights, no download), shared by the
-tests of real-model behaviour. Two layers, width 32: each builds in milliseconds."""
+"""Tiny real models from configs (random weights, nothing downloaded) for the layer-type tests:
+GPT-2 (transformers' Conv1D), a ResNet (nn.Conv2d), a diffusers UNet (nn.Conv2d), each with the
+inputs it takes and a function returning the tensor the tests compare."""
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import transformers
-from torch import nn
-from transformers import (
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PvtV2Config,
-    PvtV2Model,
-    ResNetConfig,
-    ResNetForImageClassification,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from torch import Tensor, nn
 
-transformers.logging.set_verbosity_error()
-
-VOCAB = 100
+from lightning_lora import lora_parameters
 
 
-def llama(tied: bool = True, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config).eval()
+@dataclass
+class Case:
+    """A model, a function of it returning the output to compare, and the conv targets in it."""
+
+    model: nn.Module
+    run: Callable[[nn.Module], Tensor]
+    targets: list[str]
 
 
-def gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+def gpt2(tie: bool = False, lm_head: bool = False) -> Case:
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=tie,
+    )  # fmt: skip
+    model = (GPT2LMHeadModel if lm_head else GPT2Model)(config).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids[1, -2:] = 0
+
+    def run(m: nn.Module) -> Tensor:
+        out = m(input_ids=ids)
+        return out.logits if lm_head else out.last_hidden_state
+
+    return Case(model, run, ["c_attn", "c_proj", "c_fc"])
 
 
-def t5(seed: int = 0) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    return T5ForConditionalGeneration(config).eval()
+def resnet() -> Case:
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_channels=3)
+    model = ResNetModel(config).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return Case(model, lambda m: m(pixel_values=x).last_hidden_state, ["convolution"])
 
 
-def bert(seed: int = 0) -> BertModel:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
-    return BertModel(config).eval()
+def unet() -> Case:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    ).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    timesteps = torch.tensor([1, 10])
+    convs = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)})
+    return Case(model, lambda m: m(sample, timesteps, text).sample, convs)  # every nn.Conv2d in it
 
 
-def pvt(seed: int = 0) -> PvtV2Model:
-    """A vision transformer whose patch embedding (``Conv2d``) and attention output (``Linear``)
-    are both named ``proj``: transformers' counterpart of timm's ViT naming."""
-    torch.manual_seed(seed)
-    config = PvtV2Config(
-        hidden_sizes=[16, 32, 32, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2]
-    )
-    return PvtV2Model(config).eval()
-
-
-def resnet(seed: int = 0) -> ResNetForImageClassification:
-    torch.manual_seed(seed)
-    return ResNetForImageClassification(
-        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
-    ).eval()
-
-
-def ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The logits of a causal LM or of T5 (decoder fed the same tokens)."""
+def randomize(model: nn.Module, std: float = 0.05) -> None:
+    """Non-zero A and B of the size training gives (with B = 0 every adapter would look right).
+    Works on PEFT models too (their ``lora_*`` parameters)."""
+    g = torch.Generator().manual_seed(1)
+    params = lora_parameters(model) or [p for n, p in model.named_parameters() if ".lora_" in n]
     with torch.no_grad():
-        if isinstance(model, T5ForConditionalGeneration) or isinstance(
-            getattr(model, "base_model", None), T5ForConditionalGeneration
-        ):
-            return model(input_ids=tokens, decoder_input_ids=tokens).logits
-        return model(input_ids=tokens).logits
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def as_if_trained(model: nn.Module, std: float = 0.1, seed: int = 1) -> None:
-    """Non-zero A and B of trained size (works on PEFT models too): with B = 0 every merge,
-    file and copy would look right."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A" in name or ".lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-class MHANet(nn.Module):
-    """Two ``nn.MultiheadAttention`` called directly (PEFT's MHA layer wraps ``forward``, so it
-    must be called; ``nn.TransformerEncoderLayer``'s inference fast path would bypass it)."""
-
-    def __init__(self, d: int = 32, seed: int = 0, kdim: int | None = None) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.attn = nn.MultiheadAttention(d, 4, batch_first=True, kdim=kdim, vdim=kdim)
-        self.cross = nn.MultiheadAttention(d, 4, batch_first=True)
-        self.head = nn.Linear(d, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kv = x[..., : self.attn.kdim]  # keys and values of width kdim (= d unless given)
-        h = self.attn(x, kv, kv, need_weights=False)[0]
-        h = self.cross(h, x, x, need_weights=False)[0]
-        return self.head(h)
+def types_and_keys(model: nn.Module) -> tuple[list[type], list[str]]:
+    """The module types in order and the state-dict keys in order: what unloading must restore."""
+    return [type(m) for m in model.modules()], list(model.state_dict())

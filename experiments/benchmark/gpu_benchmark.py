@@ -151,8 +151,8 @@ class Bench:
         return fields
 
 
-def build_model(bench: Bench):
-    """The Llama-shaped model with random weights (seed 0), bf16, on the device."""
+def build_model(bench: Bench, device: torch.device | None = None):
+    """The Llama-shaped model with random weights (seed 0), bf16, on the device (or ``device``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     s = bench.shape
@@ -168,7 +168,7 @@ def build_model(bench: Bench):
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    with bench.device:
+    with device or bench.device:
         model = LlamaForCausalLM(config)
     return model.to(bench.dtype)
 
@@ -470,6 +470,8 @@ def machine(bench: Bench) -> dict:
 
 def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
     """(name, rough seconds it needs, run) in priority order: what a cut-short run must keep."""
+    import qlora  # beside this file; it imports this module, so only now
+
     eager = 20 if bench.cuda else 5
     comp = 40 if bench.cuda else 30
     b = bench
@@ -493,6 +495,15 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
         ("floor compiled graphs", comp, lambda: run_functional(b, "floor compiled + CUDA graphs", "floor", True, "auto", False, True)),
         ("ours compiled graphs", comp, lambda: run_functional(b, "ours compiled + CUDA graphs", "ours", True, "auto", False, True)),
         ("ours-fp32 eager", eager, lambda: run_functional(b, "ours fp32 adapters eager", "ours-fp32", False, "auto", False)),
+        ("qlora floor", eager, lambda: qlora.run_qlora(b, "qlora floor", "floor", profile=True)),
+        ("qlora ours", eager, lambda: qlora.run_qlora(b, "qlora ours", "ours", profile=True)),
+        ("qlora peft", eager, lambda: qlora.run_qlora(b, "qlora peft", "peft")),
+        ("qlora peft autocast", eager, lambda: qlora.run_qlora(b, "qlora peft autocast", "peft-autocast")),
+        ("qlora ours reference", eager, lambda: qlora.run_qlora(b, "qlora ours, reference path", "ours-reference")),
+        ("qlora callback", 60, lambda: qlora.run_qlora_callback(b, "qlora callback")),
+        ("qlora floor repeat", eager, lambda: qlora.run_qlora(b, "qlora floor (repeat)", "floor")),
+        ("qlora ours repeat", eager, lambda: qlora.run_qlora(b, "qlora ours (repeat)", "ours")),
+        ("qlora peft repeat", eager, lambda: qlora.run_qlora(b, "qlora peft (repeat)", "peft")),
     ]  # fmt: skip
 
 

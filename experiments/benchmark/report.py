@@ -15,11 +15,16 @@ from pathlib import Path
 # Targets of issue 7 (H100, one run).
 EAGER_MAX, COMPILED_MAX, PEFT_SPEEDUP_MIN = 1.10, 1.05, 2.0
 MEMORY_SLACK, INFER_MAX, CALLBACK_MAX = 1.05, 1.15, 1.02
+QLORA_FLOOR_MAX, QLORA_PEFT_GAIN_MIN = 1.15, 0.10  # issue 14
 STATE_BYTES_PER_PARAM = 8  # bf16 adapter: weight, grad, AdamW exp_avg and exp_avg_sq, 2 bytes each
 
 
 def _by_config(records: list[dict]) -> dict[str, dict]:
-    return {r["config"]: r for r in records if r.get("median_s") is not None or r.get("first_s") is not None}
+    return {
+        r["config"]: r
+        for r in records
+        if r.get("median_s") is not None or r.get("first_s") is not None or r.get("mean_step_s") is not None
+    }
 
 
 def _fmt_s(x: float | None) -> str:
@@ -225,6 +230,52 @@ def profile_tables(by: dict[str, dict]) -> list[str]:
     return out
 
 
+def qlora_tables(by: dict[str, dict]) -> list[str]:
+    """The 4-bit rows: step and memory against the 4-bit floor, the targets of issue 14, and the
+    Trainer run with Lightning's bitsandbytes plugin to the end of fit."""
+    rows = [r for r in by.values() if r.get("group") == "qlora" and r.get("median_s")]
+    if not rows:
+        return []
+    floor = by.get("qlora floor")
+    lines = [
+        "| configuration | s/step (median) | IQR | × 4-bit floor | peak GiB | trainable |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {_fmt_s(r['median_s'])} | {_fmt_s(r['q1_s'])}–{_fmt_s(r['q3_s'])} "
+            f"| {_fmt(_ratio(r, floor), '.3f', '×')} | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('trainable', 0):,} |"
+        )
+    ours = by.get("qlora ours")
+    pefts = [by[k] for k in ("qlora peft", "qlora peft autocast") if by.get(k, {}).get("median_s")]
+    best_peft = min(pefts, key=lambda r: r["median_s"]) if pefts else None
+    lines += ["", "| target | measured | met? |", "|---|---|---|"]
+    ratio = _ratio(ours, floor)
+    if ratio is not None:
+        lines.append(
+            f"| ours ≤ {QLORA_FLOOR_MAX}× the 4-bit floor | {ratio:.3f}× | {'yes' if ratio <= QLORA_FLOOR_MAX else '**no**'} |"
+        )
+    if ours and best_peft:
+        gain = 1 - ours["median_s"] / best_peft["median_s"]
+        ok = gain >= QLORA_PEFT_GAIN_MIN
+        lines.append(
+            f"| ours ≥ {QLORA_PEFT_GAIN_MIN:.0%} faster than PEFT's best QLoRA step ({best_peft['config']}) "
+            f"| {gain:.1%} | {'yes' if ok else '**no**'} |"
+        )
+    fit = by.get("qlora callback")
+    if fit:
+        lines += [
+            "",
+            f'`Trainer(plugins=BitsandbytesPrecision("nf4-dq", dtype=torch.bfloat16))` + `LoRACallback`, fit '
+            f"to the end: mean step {_fmt_s(fit.get('mean_step_s'))}; after fit the decoder's Linear layers are "
+            f"{', '.join(fit.get('merged_linear_types', []))} (merged, bf16); merged logits vs the saved adapter "
+            f"loaded onto a freshly quantized base: relative difference "
+            f"{_fmt(fit.get('merged_vs_4bit_adapter_logits_rel'), '.1e')} (the merged model holds W dequantized, "
+            "so this is the NF4 rounding the dense model no longer has, plus one bf16 rounding).",
+        ]
+    return lines
+
+
 def multi_gpu_table(records: list[dict]) -> list[str]:
     multi = [r for r in records if r.get("group") == "multi"]
     if not multi:
@@ -289,6 +340,9 @@ def write_results(records: list[dict], info: dict, path: Path) -> None:
     profiles = profile_tables(by)
     if profiles:
         lines += ["## Where the time goes (torch.profiler)", "", *profiles]
+    qlora = qlora_tables(by)
+    if qlora:
+        lines += ["## QLoRA: the decoder in 4 bits (NF4, double quantization, bf16 compute)", "", *qlora, ""]
     multi = multi_gpu_table(records)
     if multi:
         lines += ["## Two GPUs: DDP vs FSDP (Lightning strategies, LoRACallback)", "", *multi, ""]
