@@ -2,6 +2,7 @@
 explains; and the same weight figures from `lightning-lora merge`."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from lightning_lora import LoRAStateError, inject_lora, lora_parameters, merge_lora, save_adapter
 from lightning_lora.cli import main
-from lightning_lora.report import DRIFT_ULPS, MergeReport, dtype_tolerance, merge_report
+from lightning_lora.report import MergeReport, dtype_tolerance, merge_report
 
 from .hf_models import as_if_trained, bert, ids, llama
 
@@ -40,7 +41,7 @@ def test_a_float32_merge_is_exact_up_to_rounding_and_the_model_comes_back_unmerg
     report = merge_report(model, ids(), forward=lm_logits)
     assert report.within_dtype and report.dtype == "float32" and report.weights == 14
     assert report.weight_max_ulps == 0.0  # the fp32 merge is the merged weight
-    assert 0 < report.output_max_rel_diff <= dtype_tolerance(torch.float32) == DRIFT_ULPS * 2**-23
+    assert 0 < report.output_max_rel_diff <= dtype_tolerance(torch.float32) == 2**-14
     assert unchanged(model, before) and not any(
         t.merged_adapters for t in model.modules() if hasattr(t, "merged_adapters")
     )
@@ -49,7 +50,7 @@ def test_a_float32_merge_is_exact_up_to_rounding_and_the_model_comes_back_unmerg
 def test_a_bfloat16_merge_rounds_each_weight_once_and_its_drift_is_explained():
     report = merge_report(adapted_llama(torch.bfloat16), ids(), forward=lm_logits)
     assert report.dtype == "bfloat16" and 0 < report.weight_max_ulps <= 0.5
-    assert report.within_dtype and report.output_max_rel_diff <= report.output_tolerance == 16 * 2**-7
+    assert report.within_dtype and report.output_max_rel_diff <= report.output_tolerance == 4 * 2**-7
 
 
 def test_keep_merged_leaves_the_model_exactly_as_merge_lora_does():
@@ -77,7 +78,7 @@ def test_a_merge_that_changes_what_the_model_computes_is_reported_beyond_the_dty
     before = snapshot(model)
     report = merge_report(model, torch.randn(8, 16))
     assert not report.within_dtype and report.weight_max_ulps == 0.0
-    assert report.output_max_rel_diff > 1000 * report.output_tolerance
+    assert report.output_max_rel_diff > 100 * report.output_tolerance
     assert "differs from the unmerged one by more than its dtype explains" in report.text()
     assert report.as_metrics()["lora/merge_within_dtype"] == 0.0
     assert unchanged(model, before)
@@ -131,14 +132,14 @@ def test_a_refused_merge_raises_and_changes_nothing():
 
 
 def test_the_metrics_are_lora_merge_figures():
-    report = MergeReport("bfloat16", 3, 1e-3, 0.5, "a", 0.01, 0.002, 0.125)
+    report = MergeReport("bfloat16", 3, 1e-3, 0.5, "a", 0.01, 0.002, 0.03125)
     assert report.as_metrics() == {
         "lora/merge_weight_max_abs_error": 1e-3,
         "lora/merge_weight_max_ulps": 0.5,
         "lora/merge_within_dtype": 1.0,
         "lora/merge_output_max_abs_diff": 0.01,
         "lora/merge_output_max_rel_diff": 0.002,
-        "lora/merge_output_tolerance": 0.125,
+        "lora/merge_output_tolerance": 0.03125,
     }
 
 
@@ -165,3 +166,35 @@ def test_the_command_line_merge_prints_the_weight_report(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "merge report (14 weight(s), bfloat16): merged weights within 0.5 ulp of an exact fp32 merge" in printed
+
+
+@pytest.mark.parametrize("build", ["gpt2", "resnet"])
+def test_transposed_and_conv_weights_are_reported_and_given_back_bit_for_bit(build):
+    from . import tiny_models
+
+    case = getattr(tiny_models, build)()
+    model = case.model
+    inject_lora(model, r=2, target_modules=case.targets)  # GPT-2's Conv1D (stored transposed), ResNet's convs
+    as_if_trained(model)
+    before = snapshot(model)
+    report = merge_report(model, None, forward=lambda m, _: case.run(m))
+    assert report.within_dtype and report.weight_max_ulps == 0.0
+    assert unchanged(model, before)
+
+
+def test_the_command_line_report_reads_conv1d_weights_in_their_stored_layout(tmp_path, capsys):
+    from . import tiny_models
+
+    case = tiny_models.gpt2()
+    model = case.model
+    save_file(
+        {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors"
+    )
+    inject_lora(model, r=2, target_modules=case.targets)
+    as_if_trained(model)
+    save_adapter(model, tmp_path / "adapter")
+    args = ["merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(tmp_path / "adapter")]
+    assert main([*args, "--output", str(tmp_path / "out.safetensors")]) == 0
+    assert re.search(
+        r"merge report \(8 weight\(s\), bfloat16\): merged weights within 0\.5 ulp", capsys.readouterr().out
+    )

@@ -1,11 +1,12 @@
 """How far a correct merge moves a model's outputs, per dtype: the measurement behind
 ``lightning_lora.report.DRIFT_ULPS``.
 
-For tiny Llama, BERT and T5 (random weights from configs) and the pretrained all-MiniLM-L6-v2,
+For tiny Llama, BERT, T5 and GPT-2 (random weights from configs) and the pretrained all-MiniLM-L6-v2,
 in float32, bfloat16 and float16: LoRA r=8 on all-linear, A and B random at trained size
 (B ~ N(0, 0.05²)), three seeds; ``merge_report`` on a batch of 4×16 tokens. Prints a Markdown
 table of the worst relative output drift (max |Δy| / max |y|), also in machine epsilons of the
-dtype, and the worst weight error in ulps. CPU, about a minute:
+dtype, the worst weight error in ulps, and the tolerance ``merge_report`` applies. CPU, about a
+minute:
 
     python experiments/merge_drift/drift.py
 """
@@ -14,10 +15,19 @@ from __future__ import annotations
 
 import torch
 import transformers
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from lightning_lora import inject_lora
-from lightning_lora.report import merge_report
+from lightning_lora.report import dtype_tolerance, merge_report
 from lightning_lora.task import load_minilm
 
 transformers.logging.set_verbosity_error()
@@ -48,13 +58,17 @@ MODELS = {
         ),
         lambda m, x: m(input_ids=x, decoder_input_ids=x).logits,
     ),
+    "GPT-2 (2×32)": (
+        lambda: GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        lambda m, x: m(x).logits,
+    ),
     "all-MiniLM-L6-v2": (load_minilm, lambda m, x: m(input_ids=x + 1000).last_hidden_state),
 }
 
 
 def main() -> None:
-    print("| model | dtype | max rel drift | in eps | weight error (ulp) |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | dtype | max rel drift | in eps | weight error (ulp) | tolerance |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, (build, forward) in MODELS.items():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             drift, ulps = 0.0, 0.0
@@ -69,7 +83,8 @@ def main() -> None:
                 report = merge_report(model, TOKENS, forward=forward)
                 drift, ulps = max(drift, report.output_max_rel_diff), max(ulps, report.weight_max_ulps)
             eps = torch.finfo(dtype).eps
-            print(f"| {name} | {str(dtype).removeprefix('torch.')} | {drift:.3g} | {drift / eps:.2f} | {ulps:.2f} |")
+            row = f"| {name} | {str(dtype).removeprefix('torch.')} | {drift:.3g} | {drift / eps:.2f} | {ulps:.2f} |"
+            print(f"{row} {dtype_tolerance(dtype):.3g} |")
 
 
 if __name__ == "__main__":
