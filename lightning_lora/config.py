@@ -78,7 +78,7 @@ class LoRAConfig:
     (``["query", "value"]`` matches ``encoder.layer.0.attention.self.query``), or one string
     taken as a regular expression that must match the full module name. Conv
     (``nn.Conv1d/2d/3d``) and ``nn.Embedding`` layers are adapted only when named, as in PEFT
-    (:data:`~lightning_lora.targets.LAYER_TYPES`)."""
+    (:data:`~lightning_lora.layer_types.LAYER_TYPES`)."""
 
     exclude_modules: list[str] = field(default_factory=list)
     """Names or dotted suffixes never adapted, even when ``target_modules`` matches them."""

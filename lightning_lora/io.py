@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import AdapterSpec
+from .delta import Update, delta_weight
 from .errors import AdapterFileError
-from .layers import Update, delta_weight
 from .names import FILE_PREFIX, file_key, parse_file_key, peft_mha_owner
 from .params import adapter_entries
 from .peft_format import (

@@ -17,13 +17,16 @@ refused by name before anything changes (:mod:`lightning_lora.targets`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LoRALinear, LoRAWrapper, init_lora_
+from .delta import init_lora_
+from .layers import LoRALinear, LoRAWrapper
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -207,3 +210,38 @@ class LoRAEmbedding(_ReadsThrough, LoRAWrapper):
             a = F.embedding(ids, A.T, base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)  # (..., r)
             y = y + F.linear(a * scale, B).to(y.dtype)
         return y
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """A type of layer LoRA adapts: how to recognise it, the wrapper that adapts it (``None``:
+    ``nn.MultiheadAttention``, whose weights get a parametrization instead, see
+    :mod:`lightning_lora.surgery`), whether ``"all-linear"`` includes it, and which modules of
+    the type are refused (a reason, or ``None``)."""
+
+    label: str
+    matches: Callable[[nn.Module], bool]
+    wrapper: type[LoRAWrapper] | None
+    all_linear: bool
+    refusal: Callable[[nn.Module], str | None] = lambda module: None
+
+
+LAYER_TYPES = (
+    LayerType("nn.Linear (and its subclasses)", lambda m: isinstance(m, nn.Linear), LoRALinear, True),
+    LayerType("transformers Conv1D", LoRAConv1D.matches, LoRAConv1D, True),
+    LayerType("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), None, True),
+    LayerType("nn.Conv1d/2d/3d", LoRAConv.matches, LoRAConv, False, LoRAConv.refusal),
+    LayerType("nn.Embedding", LoRAEmbedding.matches, LoRAEmbedding, False, LoRAEmbedding.refusal),
+)
+"""Every layer type LoRA adapts, in one place. ``"all-linear"`` follows PEFT: linear layers
+(transformers' ``Conv1D`` included, GPT-2's projections), never conv or embedding layers."""
+
+SUPPORTED = ", ".join(t.label for t in LAYER_TYPES)
+LINEAR_TYPES = ", ".join(t.label for t in LAYER_TYPES if t.all_linear)
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The :class:`LayerType` of ``module`` (of the module it wraps, for a LoRA wrapper)."""
+    if isinstance(module, LoRAWrapper):
+        module = module.base_layer
+    return next((t for t in LAYER_TYPES if t.matches(module)), None)

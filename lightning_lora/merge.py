@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from torch import nn
 
 from . import quantized
+from .delta import first_nonfinite, merged_block
 from .errors import LoRAStateError
-from .layers import LoRALinear, LoRAWrapper, first_nonfinite, merged_block
+from .layers import LoRALinear, LoRAWrapper
 from .sharing import other_holders, tensor_holders
 from .state import AdaptedWeight, adapted_weights, require_adapted
 

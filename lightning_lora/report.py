@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .delta import matrix_view, merged_block
 from .errors import LoRAStateError
-from .layers import matrix_view, merged_block
 from .merge import merge_lora, merge_plan, refuse_nonfinite, refuse_tied
 from .names import block_rows, parse_weight_name
 from .state import require_adapted

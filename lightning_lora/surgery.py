@@ -1,7 +1,7 @@
 """Module surgery: putting LoRA layers into a module tree and taking them out again.
 
 Two carriers (see :mod:`lightning_lora.layers`): a module is swapped for the wrapper its type
-calls for (:data:`~lightning_lora.targets.LAYER_TYPES`: a :class:`LoRALinear` for an
+calls for (:data:`~lightning_lora.layer_types.LAYER_TYPES`: a :class:`LoRALinear` for an
 ``nn.Linear``, a ``LoRAConv`` for an ``nn.Conv2d``, ...); a weight that its owner reads directly
 (the fused q/k/v of an ``nn.MultiheadAttention``, its ``out_proj``, the Linears of
 ``nn.TransformerEncoderLayer``, whose inference fast path never calls them) gets a
@@ -24,10 +24,11 @@ from torch.nn.utils import parametrize
 from . import quantized
 from .config import LoRAConfig
 from .errors import LoRAStateError, LoRATargetError
+from .layer_types import layer_type
 from .layers import LoRALayer, LoRAParametrization, LoRAWrapper
 from .names import block_rows, weight_name
 from .state import STATE_ATTR, LoRAState, lora_state
-from .targets import Selected, layer_type
+from .targets import Selected
 
 # Parents that read their Linear children's ``.weight`` directly instead of calling them:
 # MultiheadAttention (out_proj) and TransformerEncoderLayer's inference fast path (linear1,

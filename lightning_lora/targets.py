@@ -16,7 +16,7 @@ import difflib
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,45 +25,10 @@ from torch.nn.utils import parametrize
 
 from .config import ALL_LINEAR, LoRAConfig
 from .errors import LoRATargetError
-from .layer_types import LoRAConv, LoRAConv1D, LoRAEmbedding
-from .layers import LoRALinear, LoRAWrapper
+from .layer_types import LINEAR_TYPES, SUPPORTED, layer_type
+from .layers import LoRAWrapper
 from .names import QKV, parse_weight_name
 from .sharing import output_layers
-
-
-@dataclass(frozen=True)
-class LayerType:
-    """A type of layer LoRA adapts: how to recognise it, the wrapper that adapts it (``None``:
-    ``nn.MultiheadAttention``, whose weights get a parametrization instead, see
-    :mod:`lightning_lora.surgery`), whether ``"all-linear"`` includes it, and which modules of
-    the type are refused (a reason, or ``None``)."""
-
-    label: str
-    matches: Callable[[nn.Module], bool]
-    wrapper: type[LoRAWrapper] | None
-    all_linear: bool
-    refusal: Callable[[nn.Module], str | None] = lambda module: None
-
-
-LAYER_TYPES = (
-    LayerType("nn.Linear (and its subclasses)", lambda m: isinstance(m, nn.Linear), LoRALinear, True),
-    LayerType("transformers Conv1D", LoRAConv1D.matches, LoRAConv1D, True),
-    LayerType("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), None, True),
-    LayerType("nn.Conv1d/2d/3d", LoRAConv.matches, LoRAConv, False, LoRAConv.refusal),
-    LayerType("nn.Embedding", LoRAEmbedding.matches, LoRAEmbedding, False, LoRAEmbedding.refusal),
-)
-"""Every layer type LoRA adapts, in one place. ``"all-linear"`` follows PEFT: linear layers
-(transformers' ``Conv1D`` included, GPT-2's projections), never conv or embedding layers."""
-
-SUPPORTED = ", ".join(t.label for t in LAYER_TYPES)
-LINEAR_TYPES = ", ".join(t.label for t in LAYER_TYPES if t.all_linear)
-
-
-def layer_type(module: nn.Module) -> LayerType | None:
-    """The :class:`LayerType` of ``module`` (of the module it wraps, for a LoRA wrapper)."""
-    if isinstance(module, LoRAWrapper):
-        module = module.base_layer
-    return next((t for t in LAYER_TYPES if t.matches(module)), None)
 
 
 @dataclass(frozen=True)

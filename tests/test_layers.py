@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_lora import AdapterSpec, LoRALinear, LoRAParametrization
-from lightning_lora.layers import init_lora_
+from lightning_lora.delta import init_lora_
 
 
 def lora_linear(d_in=16, d_out=12, r=4, alpha=8.0, dropout=0.0, init="zeros_b", dtype=torch.float32, bias=True):
