@@ -8,6 +8,7 @@ importing Lightning (seconds at every start).
 __version__ = "0.1.0"
 
 from .adapters import active_adapters, adapter_names, combine_adapters, delete_adapter, disable_adapters, set_adapter
+from .advisor import RankSuggestion, resize_adapter, spectra, suggest_ranks
 from .config import AdapterSpec, LoRAConfig
 from .errors import AdapterFileError, LoRAConfigError, LoRAError, LoRAStateError, LoRATargetError
 from .inject import inject_lora, unload_lora
@@ -47,6 +48,7 @@ __all__ = [
     "LoRAStateError",
     "LoRATargetError",
     "ParameterStats",
+    "RankSuggestion",
     "active_adapters",
     "adapted_weights",
     "adapter_names",
@@ -63,8 +65,11 @@ __all__ = [
     "merge_report",
     "parameter_stats",
     "read_adapter",
+    "resize_adapter",
     "save_adapter",
     "set_adapter",
+    "spectra",
+    "suggest_ranks",
     "unload_lora",
     "unmerge_lora",
 ]
