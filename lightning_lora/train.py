@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callback import LoRACallback
+from .hydra_config import register_configs
 from .io import atomic_write
 from .stats import parameter_stats
 
@@ -41,6 +42,7 @@ def run_name(overrides: str, task_name: str) -> str:
 
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+register_configs()  # the `lora` node's schema, before anything composes
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
