@@ -11,7 +11,7 @@ how parts meet:
   (``lora: ${oc.select:lora,null}`` in ``conf/callbacks``, so ``lora.r=4`` and ``~lora`` work);
 * a callback with a ``summary()`` adds its figures to ``<output_dir>/metrics.json``.
 
-The resolved config is logged once, as the run's hyper-parameters, to every logger.
+The resolved config is the run's hyper-parameters, logged to every logger before ``fit``.
 """
 
 from __future__ import annotations

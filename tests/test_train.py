@@ -84,9 +84,13 @@ def test_baseline_methods_drop_lora_and_rank_methods_set_r():
 
 
 def test_dropping_the_lora_node_drops_the_callback():
-    cfg = composed("~lora")  # Hydra 1.3 refuses `lora=null` on the command line
+    cfg = composed("~lora", "callbacks=none")  # Hydra 1.3 refuses `lora=null` on the command line
     assert "lora" not in cfg and cfg.callbacks.lora is None
-    assert [type(c).__name__ for c in instantiate_nodes(cfg, "callbacks")] == ["ModelCheckpoint", "RunStats"]
+    assert [type(c).__name__ for c in instantiate_nodes(cfg, "callbacks")] == ["RunStats"]
+    assert [type(c).__name__ for c in instantiate_nodes(composed("callbacks=none"), "callbacks")] == [
+        "RunStats",
+        "LoRACallback",
+    ]
 
 
 def test_a_node_left_without_its_target_is_an_error_naming_it():
@@ -152,11 +156,13 @@ def test_each_multirun_job_is_its_own_wandb_run_in_one_group(tmp_path):
 
 
 def test_the_logged_hyperparameters_are_the_resolved_config_with_every_callback_option(tmp_path):
-    run_train(tmp_path, "model=tiny", "logger=csv", "trainer.max_steps=2", "data.limit_val=32", "test=false")
+    run_train(tmp_path, "model=tiny", "logger=[csv,wandb]", "trainer.max_steps=2", "data.limit_val=32", "test=false")
     (hparams,) = tmp_path.glob("csv/version_*/hparams.yaml")
     logged = yaml.safe_load(hparams.read_text())
-    expected = composed("model=tiny").lora
-    assert logged["lora"] == {**expected, "trainable_modules": ["head"], "mha_projections": ["q", "k", "v"]}
+    expected = OmegaConf.to_container(composed("model=tiny").lora)
+    assert logged["lora"] == expected  # the composed node, whether the callback logs it too or not
+    (wandb_run,) = tmp_path.glob("wandb/offline-run-*")
+    assert read_offline_run(wandb_run).config["lora"] == expected
     assert logged["lora"]["merge_on_fit_end"] is True and logged["lora"]["adapter_dir"] is None
     assert logged["lora"]["r"] == 8 and logged["lora"]["log_analysis"] is True
     assert (
