@@ -191,7 +191,8 @@ class LoRACallback(Callback):
             return  # merged and unloaded at fit end: a plain model, saved whole
         adapter_keys = [k for k in lora_state_dict(pl_module) if k in checkpoint["state_dict"]]
         if not self.full_checkpoints:
-            checkpoint["state_dict"] = {k: checkpoint["state_dict"][k] for k in adapter_keys}
+            keep = set(adapter_keys)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[CHECKPOINT_KEY] = {
             "adapter_only": not self.full_checkpoints,
             "adapter_keys": adapter_keys,
