@@ -1,15 +1,26 @@
 """The Hydra entry point: ``python -m lightning_lora.train [overrides]`` (``-m`` for multirun).
 
-It composes ``conf/train.yaml`` and instantiates what the config names: data, model, the LoRA
-callback (``lora``), other callbacks, loggers and the Trainer. All behaviour lives in those
-objects; this file only wires them and writes the job's figures to ``<output_dir>/metrics.json``,
-so a user's own config tree can reuse it unchanged.
+It composes ``conf/train.yaml`` (another tree with ``--config-path DIR --config-name NAME``, as in
+any Hydra app) and instantiates what the config names: ``data``, ``model``, every node under
+``callbacks`` and ``logger``, and ``trainer``. It knows no task and no callback; the config says
+how parts meet:
+
+* a node reads an attribute of the instantiated data module with ``${datamodule:NAME}``
+  (``conf/model/minilm.yaml``: ``num_classes: ${datamodule:num_classes}``): data is built first;
+* a ``callbacks`` entry may point at a node kept elsewhere for short overrides
+  (``lora: ${oc.select:lora,null}`` in ``conf/callbacks``, so ``lora.r=4`` and ``~lora`` work);
+* a callback with a ``summary()`` adds its figures to ``<output_dir>/metrics.json``.
+
+The resolved config is the run's hyper-parameters, logged to every logger before ``fit``.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +30,31 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callback import LoRACallback
+from .hydra_config import register_configs
 from .io import atomic_write
 from .stats import parameter_stats
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_DATAMODULES: list[Any] = []  # the data module of the job running now, for ${datamodule:NAME}
+
+
+def datamodule_attribute(name: str) -> Any:
+    """``${datamodule:NAME}``: attribute ``NAME`` of the data module ``train`` built from ``cfg.data``."""
+    if not _DATAMODULES:
+        raise ValueError(
+            f"${{datamodule:{name}}} reads the data module that lightning_lora.train builds from cfg.data, "
+            f"so it resolves only while train() runs; elsewhere, pass {name}=... when you instantiate the node."
+        )
+    return getattr(_DATAMODULES[-1], name)
+
+
+@contextmanager
+def datamodule_attributes(datamodule: Any) -> Iterator[None]:
+    _DATAMODULES.append(datamodule)
+    try:
+        yield
+    finally:
+        _DATAMODULES.pop()
 
 
 def sweep_group(mode: Any, task_name: str, output_dir: str) -> str | None:
@@ -39,8 +70,10 @@ def run_name(overrides: str, task_name: str) -> str:
     return overrides or task_name
 
 
+OmegaConf.register_new_resolver("datamodule", datamodule_attribute, replace=True)
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+register_configs()  # the `lora` node's schema, before anything composes
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -49,52 +82,58 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.label_names)
-    # A node set to null on the command line (callbacks.model_checkpoint=null) is switched off.
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    if cfg.get("lora"):
-        if "_target_" not in cfg.lora:
-            raise ValueError(
-                f"cfg.lora has no _target_ (it holds only {sorted(cfg.lora)}): a config set fields of a "
-                f"`lora` node that method/experiment removed. Drop those fields, or pick a LoRA method."
-            )
-        callbacks.append(instantiate(cfg.lora))
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    with datamodule_attributes(datamodule):
+        model = instantiate(cfg.model)
+        callbacks = instantiate_nodes(cfg, "callbacks")
+        loggers = instantiate_nodes(cfg, "logger")
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:  # not `loggers`: fast_dev_run swaps them for a dummy
-        logger.log_hyperparams(resolved)
+        logger.log_hyperparams(hyperparameters)
     try:
         trainer.fit(model, datamodule=datamodule)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if cfg.get("test"):
-            # The model as fit left it: merged and unloaded when LoRA's merge_on_fit_end is on.
+        if cfg.get("test"):  # the model as fit left it (a LoRA callback merges it at fit end)
             for results in trainer.test(model, datamodule=datamodule):
                 metrics.update({k: float(v) for k, v in results.items()})
-        metrics.update(job_figures(trainer, model, callbacks))
-        metrics["perf/job_wall_s"] = time.perf_counter() - started
+        figures = job_figures(model, callbacks)
+        figures["perf/job_wall_s"] = time.perf_counter() - started
+        metrics.update(figures)
         for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in metrics.items() if k.startswith(("lora/", "perf/"))})
+            logger.log_metrics(figures)
         if trainer.is_global_zero:
-            write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+            write_metrics(Path(OmegaConf.select(cfg, "paths.output_dir") or output_dir()) / "metrics.json", metrics)
     finally:
         finish_wandb()
     return metrics
 
 
-def job_figures(trainer: L.Trainer, model: L.LightningModule, callbacks: list[Any]) -> dict[str, float]:
-    """Parameter counts (LoRA's as injected; else the model's own), adapter bytes, run stats."""
-    figures: dict[str, float] = {}
-    lora = next((c for c in callbacks if isinstance(c, LoRACallback)), None)
-    stats = lora.stats if lora is not None and lora.stats is not None else parameter_stats(model)
-    figures.update(stats.as_metrics())
-    if lora is not None:
-        adapter = lora.resolve_adapter_dir(trainer)
-        figures["lora/adapter_bytes"] = float(sum(f.stat().st_size for f in adapter.glob("*") if f.is_file()))
+def instantiate_nodes(cfg: DictConfig, group: str) -> list[Any]:
+    """One object per node of ``cfg[group]``; a node set to null (``callbacks.model_checkpoint=null``,
+    or a reference to a removed node) is switched off."""
+    nodes = cfg.get(group) or {}
+    for key, node in nodes.items():
+        if node is not None and "_target_" not in node:
+            raise ValueError(
+                f"cfg.{group}.{key} has no _target_ (it holds only {sorted(node)}): a config set fields of a "
+                f"node that a defaults list removed (e.g. `override /lora: null`). Drop those fields, or keep the node."
+            )
+    return [instantiate(node) for node in nodes.values() if node is not None]
+
+
+def job_figures(model: L.LightningModule, callbacks: list[Any]) -> dict[str, float]:
+    """The model's parameter counts, then every callback's ``summary()`` (a LoRA callback's
+    counts as injected, its adapter's bytes; run stats), later ones overriding earlier ones."""
+    figures = parameter_stats(model).as_metrics()
     for callback in callbacks:
-        if hasattr(callback, "summary"):
+        if callable(getattr(callback, "summary", None)):
             figures.update(callback.summary())
     return figures
+
+
+def output_dir() -> str:
+    """The Hydra job's output directory (a tree may set ``paths.output_dir`` instead)."""
+    return HydraConfig.get().runtime.output_dir
 
 
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
@@ -110,8 +149,6 @@ def write_metrics(path: Path, metrics: dict[str, float]) -> None:
 def finish_wandb() -> None:
     """End the process's W&B run, so the next job of a multirun starts its own run instead of
     silently logging into this one (wandb#1314, lightning-hydra-template#289)."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()

@@ -2,13 +2,16 @@
 
 import copy
 import csv
+import dataclasses
 import functools
+import inspect
 import signal
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
@@ -18,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lora import (
     LoRACallback,
+    LoRAConfig,
     LoRAConfigError,
     LoRALinear,
     LoRAStateError,
@@ -330,6 +334,57 @@ def test_flat_keywords_and_hydra_node_build_the_same_callback():
 def test_unknown_keyword_names_the_field():
     with pytest.raises(LoRAConfigError, match=r"no field 'lora_alpha' \(did you mean 'alpha'\?\)"):
         LoRACallback(lora_alpha=16)
+
+
+def test_every_lora_config_field_is_a_typed_documented_keyword_with_its_default():
+    """So LightningCLI, which passes callback arguments by signature, reaches each field, and a
+    field added to LoRAConfig cannot be forgotten here."""
+    parameters = inspect.signature(LoRACallback.__init__).parameters
+    assert [name for name in parameters if name in LoRAConfig.field_names()] == LoRAConfig.field_names()
+    for field in dataclasses.fields(LoRAConfig):
+        parameter = parameters[field.name]
+        assert parameter.kind is parameter.KEYWORD_ONLY and parameter.annotation is not parameter.empty
+        # A list field defaults to None, which stands for LoRAConfig's own default list.
+        assert parameter.default == (None if field.default is dataclasses.MISSING else field.default), field.name
+        assert f"\n        {field.name}: " in LoRACallback.__doc__, f"{field.name} is not documented"
+    assert LoRACallback().config == LoRAConfig()
+
+
+def test_a_whole_config_or_flat_fields_but_a_value_given_both_ways_is_an_error_naming_it():
+    assert LoRACallback(LoRAConfig(r=2)).config.r == 2
+    assert LoRACallback({"r": 2, "target_modules": ["net.0"]}).config == LoRAConfig(r=2, target_modules=["net.0"])
+    with pytest.raises(LoRAConfigError, match=r"config=\.\.\. and flat LoRA fields \{'alpha': 4\}"):
+        LoRACallback(LoRAConfig(r=2), alpha=4)
+
+
+def test_the_logged_options_are_the_hydra_node_that_rebuilds_the_callback():
+    callback = LoRACallback(
+        r=4,
+        target_modules=["net.0"],
+        merge_on_fit_end=False,
+        adapter_dir="adapters/a",
+        optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+    )
+    node = callback.hyperparameters()
+    assert node["_target_"] == "lightning_lora.LoRACallback"
+    assert node["optimizer"] == {"_target_": "torch.optim.sgd.SGD", "_partial_": True, "lr": 0.5}
+    rebuilt = instantiate(node)
+    assert rebuilt.config == callback.config and rebuilt.hyperparameters() == node
+
+
+def test_without_hydra_the_callback_logs_its_config_and_every_option(tmp_path):
+    run = trainer(tmp_path, [LoRACallback(r=2, target_modules=["net.0"], merge_on_fit_end=False)])
+    run.fit(MLP(), loader())
+    logged = yaml.safe_load((Path(run.logger.log_dir) / "hparams.yaml").read_text())["lora"]
+    assert (logged["r"], logged["target_modules"], logged["merge_on_fit_end"]) == (2, ["net.0"], False)
+    assert logged["adapter_dir"] is None and logged["full_checkpoints"] is False and logged["optimizer"] is None
+
+
+def test_strip_frozen_parameters_is_plain_torch_and_still_importable_from_the_callback():
+    from lightning_lora.callback import strip_frozen_parameters
+    from lightning_lora.optim import strip_frozen_parameters as plain
+
+    assert strip_frozen_parameters is plain
 
 
 def test_restoring_a_lora_checkpoint_onto_the_merged_model_is_refused(tmp_path):

@@ -217,3 +217,92 @@ def test_mid_epoch_resume_restarts_that_epochs_data_from_its_first_batch(datamod
     assert resumed.labels[1] == first.labels[0]  # epoch 0 starts over...
     assert resumed.labels[2] == first.labels[1]
     assert all(resumed.labels[s] == first.labels[s] for s in range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))
+
+
+class HookRecorder(Callback):
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def setup(self, trainer, pl_module, stage):
+        self.calls.append("callback setup")
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        self.calls.append("callback on_load_checkpoint")
+
+    def state_dict(self):
+        return {"recorded": True}
+
+    def load_state_dict(self, state_dict):
+        self.calls.append("callback load_state_dict")
+
+    def on_fit_start(self, trainer, pl_module):
+        self.calls.append("callback on_fit_start")
+
+
+class RecordedModule(L.LightningModule):
+    """Records the hooks Lightning calls on it, and the ``strict`` it loads with."""
+
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__()
+        self.calls = calls
+        self.net = nn.Linear(4, 2)
+
+    def configure_model(self):
+        self.calls.append("module configure_model")
+
+    def on_load_checkpoint(self, checkpoint):
+        self.calls.append("module on_load_checkpoint")
+        self.strict_loading = False  # read by Lightning only after this hook
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.calls.append(f"module load_state_dict(strict={strict})")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).sum()
+
+    def configure_optimizers(self):
+        self.calls.append("module configure_optimizers")
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_loads_the_model_weights_between_the_module_and_the_callback_hooks(tmp_path):
+    """The order ``LoRACallback`` relies on to restore (checked against Lightning 2.6): its
+    ``before_restore`` runs in the module's ``on_load_checkpoint``, which still comes before the
+    weights load and may set ``strict_loading``; its own ``on_load_checkpoint`` comes after them.
+    If a Lightning release reorders these, this test fails before any LoRA restore goes wrong."""
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    options = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    first = L.Trainer(max_epochs=1, callbacks=[HookRecorder([])], enable_checkpointing=False, **options)
+    first.fit(RecordedModule([]), data)
+    first.save_checkpoint(tmp_path / "one.ckpt")
+    calls: list[str] = []
+    resumed = L.Trainer(max_epochs=2, callbacks=[HookRecorder(calls)], enable_checkpointing=False, **options)
+    resumed.fit(RecordedModule(calls), data, ckpt_path=tmp_path / "one.ckpt")
+    assert calls == [
+        "callback setup",
+        "module configure_model",
+        "module on_load_checkpoint",
+        "module load_state_dict(strict=False)",
+        "callback on_load_checkpoint",
+        "callback load_state_dict",
+        "module configure_optimizers",
+        "callback on_fit_start",
+    ]
+
+
+def test_an_adapter_only_restore_leaves_the_module_as_it_was_built(stopped, datamodule, tmp_path):
+    model = classifier(datamodule.num_classes)
+    fit(tmp_path, model, datamodule, [lora()], ckpt_path=stopped, max_epochs=2)
+    assert not {"configure_model", "on_load_checkpoint"} & set(vars(model))  # the class's own hooks again
+    assert model.strict_loading is True
+
+
+def test_a_refused_restore_changes_no_weight_of_the_merged_model(stopped, datamodule, tmp_path):
+    model = classifier(datamodule.num_classes)
+    merging = LoRACallback(r=4, target_modules=["query", "value"], trainable_modules=["head"])
+    trainer = fit(tmp_path, model, datamodule, [merging], max_epochs=1)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoRAStateError, match="would add ΔW twice"):
+        trainer.validate(model, datamodule=datamodule, ckpt_path=stopped)
+    assert all(torch.equal(v, merged[k]) for k, v in model.state_dict().items())  # the head too

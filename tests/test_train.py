@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from lightning_lora import LoRACallback
-from lightning_lora.train import CONF_DIR
+from lightning_lora.train import CONF_DIR, instantiate_nodes
 
 from .wandb_offline import read_offline_run
 
@@ -80,8 +83,33 @@ def test_baseline_methods_drop_lora_and_rank_methods_set_r():
     assert composed("method=lora_r64", "lora.r=3").lora.r == 3  # the command line still wins
 
 
+def test_dropping_the_lora_node_drops_the_callback():
+    cfg = composed("~lora", "callbacks=none")  # Hydra 1.3 refuses `lora=null` on the command line
+    assert "lora" not in cfg and cfg.callbacks.lora is None
+    assert [type(c).__name__ for c in instantiate_nodes(cfg, "callbacks")] == ["RunStats"]
+    assert [type(c).__name__ for c in instantiate_nodes(composed("callbacks=none"), "callbacks")] == [
+        "RunStats",
+        "LoRACallback",
+    ]
+
+
+def test_a_node_left_without_its_target_is_an_error_naming_it():
+    cfg = composed("experiment=alpha_sweep", "method=head_only")  # sets lora.r, then drops the lora node
+    assert cfg.callbacks.lora == {"r": 8}
+    with pytest.raises(ValueError, match=r"cfg\.callbacks\.lora has no _target_ \(it holds only \['r'\]\)"):
+        instantiate_nodes(cfg, "callbacks")
+
+
+def test_the_model_reads_its_classes_from_the_data_module_only_inside_train():
+    model = composed("model=tiny").model
+    assert OmegaConf.to_container(model)["num_classes"] == "${datamodule:num_classes}"  # not restated here
+    with pytest.raises(InterpolationResolutionError, match=r"resolves only while train\(\) runs"):
+        instantiate(model)
+
+
 def run_train(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    # PYTHONPATH: this checkout's package (and tests.user_conf), whatever is installed.
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     where = f"hydra.sweep.dir={tmp_path}" if multirun else f"hydra.run.dir={tmp_path}"
     cmd = [sys.executable, "-m", "lightning_lora.train", *(["-m"] if multirun else []), where, *overrides]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -125,3 +153,35 @@ def test_each_multirun_job_is_its_own_wandb_run_in_one_group(tmp_path):
     assert [r.config["seed"] for r in runs] == [0, 1]
     assert all(r.history["perf/steps"] == 2 for r in runs)
     assert len(list(tmp_path.glob("*/metrics.json"))) == 2
+
+
+def test_the_logged_hyperparameters_are_the_resolved_config_with_every_callback_option(tmp_path):
+    run_train(tmp_path, "model=tiny", "logger=[csv,wandb]", "trainer.max_steps=2", "data.limit_val=32", "test=false")
+    (hparams,) = tmp_path.glob("csv/version_*/hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    expected = OmegaConf.to_container(composed("model=tiny").lora)
+    assert logged["lora"] == expected  # the composed node, whether the callback logs it too or not
+    (wandb_run,) = tmp_path.glob("wandb/offline-run-*")
+    assert read_offline_run(wandb_run).config["lora"] == expected
+    assert logged["lora"]["merge_on_fit_end"] is True and logged["lora"]["adapter_dir"] is None
+    assert logged["lora"]["r"] == 8 and logged["lora"]["log_analysis"] is True
+    assert (
+        logged["model"]["num_classes"] == 20
+        and logged["model"]["encoder"]["_target_"] == "lightning_lora.task.tiny_bert"
+    )
+    assert {"data", "trainer", "callbacks", "logger", "paths", "seed"} <= set(logged)
+    figures = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert figures["lora/trainable_params"] == 7828 and figures["lora/adapter_bytes"] > 0
+    assert {"lora/total_params", "lora/trainable_ratio", "perf/steps", "perf/job_wall_s"} <= set(figures)
+
+
+def test_a_config_tree_of_ones_own_runs_with_the_same_entry_point(tmp_path):
+    tree = Path(__file__).parent / "user_conf"
+    run_train(tmp_path, "--config-path", str(tree), "--config-name", "train")
+    figures = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert figures["lora/trainable_params"] == 2 * (8 + 16)  # A and B of rank 2 on net.0 (8 -> 16) only
+    (hparams,) = tmp_path.glob("csv/version_*/hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["lora"]["r"] == 2 and logged["lora"]["target_modules"] == ["net.0"]
+    assert logged["model"] == {"_target_": "tests.user_conf.task.MLP", "features": 8, "num_classes": 4}
+    assert (tmp_path / "csv" / "version_0" / "lora_adapter" / "adapter_model.safetensors").is_file()
