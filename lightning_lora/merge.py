@@ -3,6 +3,8 @@
 ``merge_lora`` computes ``W + Σ ΔW`` in float32 (:func:`~lightning_lora.layers.merged_block`),
 checks every result for NaN/Inf before it writes any weight, and casts once; ``unmerge_lora``
 subtracts again (exact in fp32; in bf16 within a rounding of ``|W| + |ΔW|``, see the README).
+Every merge is noted on the module owning the weight (:mod:`~lightning_lora.provenance`), where
+it outlives the LoRA layers, so the model knows which adapters its weights hold.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from .errors import LoRAStateError
 from .layers import first_nonfinite
+from .provenance import forget_merge, record_merge
 from .state import AdaptedWeight, require_adapted
 
 
@@ -31,6 +34,7 @@ def merge_lora(model: nn.Module, adapter_names: str | Iterable[str] | None = Non
                 f"tensors (lightning-lora inspect) or train with a lower learning rate."
             )
     for target, names in plan:
+        record_merge(model, target, names)
         target.layer.merge(target.weight, names)
 
 
@@ -63,4 +67,4 @@ def unmerge_lora(model: nn.Module) -> None:
     if not any(t.layer.merged_adapters for t in targets):
         raise LoRAStateError("nothing to unmerge: no adapter is merged (see merge_lora).")
     for target in targets:
-        target.layer.unmerge(target.weight)
+        forget_merge(model, target, target.layer.unmerge(target.weight))
