@@ -161,7 +161,7 @@ def check_base(
     target, current, saved, coarse = differing[0]
     delta = _delta_at(model, target, adapter_name, state_dict)
     count = f"{len(differing)} of the adapted weights differ (first: {target.name!r})"
-    if delta is not None and delta.abs().max() > 0 and _close(current, saved + delta, coarse, ulps=2):
+    if delta is not None and delta[0].abs().max() > 0 and _close(current, saved + delta[0], coarse, 2, delta[1]):
         raise LoRAStateError(
             f"this model's weights already hold this adapter's ΔW: {count}, by exactly ΔW. Restoring the adapter "
             f"onto them would add ΔW twice (W + 2ΔW). The model was merged (merge_on_fit_end=True, merge_lora, or "
@@ -180,17 +180,20 @@ def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
 
-def _close(a: Tensor, b: Tensor, dtype: torch.dtype, ulps: int) -> bool:
+def _close(a: Tensor, b: Tensor, dtype: torch.dtype, ulps: int, terms: Tensor | float = 0.0) -> bool:
+    """``a == b`` within ``ulps`` roundings of ``dtype`` (of the larger, plus ``terms``: the size
+    of the products a float32 ``B A`` summed, whose rounding a merge carries)."""
     if ulps == 0:
         return torch.equal(a, b)
-    bound = ulps * torch.finfo(dtype).eps * torch.maximum(a.abs(), b.abs()) + torch.finfo(dtype).tiny
+    bound = ulps * torch.finfo(dtype).eps * (torch.maximum(a.abs(), b.abs()) + terms) + torch.finfo(dtype).tiny
     return bool(((a - b).abs() <= bound).all())
 
 
 def _delta_at(
     model: nn.Module, target: AdaptedWeight, adapter_name: str, state_dict: Mapping[str, Tensor] | None
-) -> Tensor | None:
-    """``ΔW`` of ``adapter_name`` in ``target`` at the sampled positions, float64 → float32."""
+) -> tuple[Tensor, Tensor] | None:
+    """``ΔW`` of ``adapter_name`` in ``target`` at the sampled positions (float64 → float32), and
+    ``scale · Σ|B||A|`` there (how large the summed products are)."""
     if adapter_name not in target.layer.lora_A:
         return None
     halves = {}
@@ -203,4 +206,5 @@ def _delta_at(
         return None
     rows, cols = _positions(torch.Size((target.layer.d_out, target.layer.d_in)), torch.device("cpu"))
     scale = target.layer.specs[adapter_name].scale
-    return (scale * (halves["B"][rows] * halves["A"][:, cols].T).sum(dim=1)).float()
+    products = scale * halves["B"][rows] * halves["A"][:, cols].T
+    return products.sum(dim=1).float(), products.abs().sum(dim=1).float()
