@@ -7,17 +7,21 @@
 
 ``merge`` needs no model class: it adds ``ΔW = (alpha/r) · B A`` to the base tensors directly
 (:mod:`lightning_lora.export`). Exit status: 0 on success, 1 when a file is refused, 2 for a
-usage error. Files are read without pickle (safetensors, or ``torch.load(weights_only=True)``).
+usage error. Files are read without pickle (safetensors, or ``torch.load(weights_only=True)``),
+and what comes from them is printed with control characters escaped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,6 +30,7 @@ from .export import PROG, UsageError, as_adapter_dir, merge_files
 from .io import read_adapter
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .tables import natural_key, render_table, repeated_block
+from .untrusted import printable
 
 # ----------------------------------------------------------------------------------- inspect
 
@@ -39,7 +44,6 @@ def inspect_adapter(path: str | os.PathLike) -> str:
     scale = "alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r"
     lora_params = sum(a.numel() + b.numel() for a, b in adapter.pairs.values())
     head_params = sum(t.numel() for t in adapter.trainable.values())
-    files = [adapter.path / ADAPTER_WEIGHTS, adapter.path / ADAPTER_CONFIG]
     lines = [
         f"adapter     {adapter.path}  (written by {made_by})",
         f"config      r={config['r']}  lora_alpha={config['lora_alpha']}  scale={scale}  "
@@ -49,14 +53,14 @@ def inspect_adapter(path: str | os.PathLike) -> str:
         f"trainable   {config.get('modules_to_save') or []}",
         f"parameters  {lora_params:,} in A/B over {len(adapter.pairs)} weights"
         + (f" + {head_params:,} in trainable modules" if head_params else ""),
-        "bytes       " + ", ".join(f"{f.name} {f.stat().st_size:,}" for f in files),
+        "bytes       " + ", ".join(f"{n} {adapter.sizes[n]:,}" for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)),
         "",
     ]
     rows = [("weight", "shape", "r", "scale", "params", "dtype", "‖ΔW‖_F")]
     for name, (A, B) in sorted(adapter.pairs.items(), key=lambda kv: natural_key(kv[0])):
         rows.append(
             (
-                name,
+                printable(name),
                 "×".join(str(n) for n in (B.shape[0], *A.shape[1:])),  # ΔW's shape; a conv's is its kernel's
                 str(A.shape[0]),
                 f"{adapter.scaling(name):g}",
@@ -65,7 +69,7 @@ def inspect_adapter(path: str | os.PathLike) -> str:
                 f"{adapter.delta_norm(name):.6g}",
             )
         )
-    return "\n".join(lines + render_table(rows))
+    return "\n".join([printable(line) for line in lines] + render_table(rows))
 
 
 def _grouped(names: Any) -> str:
@@ -147,23 +151,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 refused file, 2 usage error)."""
+    """Run the command line; returns the exit status (0 ok, 1 refused file or OS error, 2 usage
+    error). Every error is one ``error:`` line; names from files are printed escaped."""
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = f"{PROG} {args.command}"
     try:
-        if args.command == "inspect":
-            print(inspect_adapter(args.path))
-        else:
-            print(merge_files(args.base, args.adapter, args.output, args.prefix, args.force))
+        with _terminate_cleanly():
+            if args.command == "inspect":
+                print(inspect_adapter(args.path))
+            else:
+                print(printable(merge_files(args.base, args.adapter, args.output, args.prefix, args.force)))
     except UsageError as err:
         args.commands[args.command].print_usage(sys.stderr)
-        print(f"{sub}: error: {err}", file=sys.stderr)
+        print(f"{sub}: error: {printable(err)}", file=sys.stderr)
         return 2
     except LoRAError as err:
-        print(f"{sub}: error: {err}", file=sys.stderr)
+        print(f"{sub}: error: {printable(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a directory, a read-only place, a full disk...: one line, no traceback
+        where = f" {str(err.filename)!r}" if err.filename else ""
+        print(f"{sub}: error: cannot access{printable(where)}: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` while a command runs, so a stopped merge removes its
+    temporary file (``kill -9`` cannot be caught: the next write to that output removes it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,13 @@ class LoRAStateError(LoRAError, RuntimeError):
 
 class AdapterFileError(LoRAError, ValueError):
     """An adapter file is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+class AdapterSaveError(LoRAError, OSError):
+    """An adapter cannot be saved where asked: the place is not writable, or holds an adapter
+    that saving would replace."""
+
+
+class CheckpointError(LoRAError, ValueError):
+    """A checkpoint holds something other than tensors and plain data (a pickle that could run
+    code), so it is not loaded."""

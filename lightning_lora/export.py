@@ -13,6 +13,7 @@ transformers ``Conv1D`` weight transposed). Files are read without pickle
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,11 +165,7 @@ def read_base(path: Path) -> tuple[str, dict[str, Any]]:
     if not path.is_file():
         raise AdapterFileError(f"base checkpoint {str(path)!r} does not exist.")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return "safetensors", {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, "metadata": f.metadata()}  # noqa: SIM118
-        except (SafetensorError, OSError) as err:
-            raise AdapterFileError(f"{path} is not a readable safetensors file ({err}).") from None
+        return "safetensors", _read_safetensors(path)
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError, RuntimeError, EOFError...: all mean "not loadable safely"
@@ -187,8 +184,47 @@ def read_base(path: Path) -> tuple[str, dict[str, Any]]:
     raise AdapterFileError(f"{path} holds neither a state dict of tensors nor a Lightning checkpoint ('state_dict').")
 
 
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensors and metadata, all from one file although ``safe_open`` opens
+    the path twice: the file is held open meanwhile and its identity checked before and after,
+    so a rename over it in between is seen (and the read repeated) instead of pairing one file's
+    header with the other's bytes. No second copy of a large base in memory."""
+    for _ in range(3):
+        with open(path, "rb") as held:
+            before = os.fstat(held.fileno())
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    contents = {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, "metadata": f.metadata()}  # noqa: SIM118
+            except (SafetensorError, ValueError) as err:
+                raise AdapterFileError(f"{path} is not a readable safetensors file ({err}).") from None
+            after = os.stat(path)
+        if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+            return contents
+    raise AdapterFileError(f"{path} kept being replaced while it was read; try again when its writer is done.")
+
+
+def check_output(output: Path, base: Path, adapter_dir: Path) -> None:
+    """``--output`` may never be the base checkpoint, a file of the adapter, or a directory,
+    ``--force`` or not: compared by resolved path, and by identity where the file exists (a
+    hard link or a symlink to the base is the base)."""
+    if output.is_dir():
+        raise UsageError(f"--output {str(output)!r} is a directory; give the merged checkpoint a file name.")
+    protected = {"the base checkpoint (--base)": base}
+    protected.update({f"the adapter's {n}": adapter_dir / n for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)})
+    for what, path in protected.items():
+        same = output.resolve() == path.resolve()
+        if not same and output.exists() and path.exists():
+            same = os.path.samefile(output, path)
+        if same:
+            raise UsageError(
+                f"--output {str(output)!r} is {what}; merging writes a new file, never over its inputs. "
+                f"Choose another output path."
+            )
+
+
 def merge_files(base: Path, adapter_dir: Path, output: Path, prefix: str | None, force: bool) -> str:
     """Merge the adapter into the base file and write ``output`` atomically; returns a summary."""
+    check_output(output, base, as_adapter_dir(adapter_dir))
     if output.exists() and not force:
         raise UsageError(f"{output} already exists; pass --force to overwrite it.")
     kind, contents = read_base(base)

@@ -18,6 +18,7 @@ from .config import LoRAConfig
 from .errors import LoRAStateError
 from .merge import merge_plan, merge_quantized, refuse_nonfinite, refuse_tied, unmerge_lora
 from .params import mark_only_lora_as_trainable
+from .provenance import record_merge
 from .quantized import is_packed
 from .sharing import module_places, refuse_shared_targets
 from .state import STATE_ATTR, LoRAState, adapted_weights, lora_state, require_adapted
@@ -95,6 +96,7 @@ def unload_lora(model: nn.Module, merge: bool = True, requantize: bool = False) 
         refuse_nonfinite(plan)
         merge_quantized(model, requantize)
         for target, names in plan:
+            record_merge(model, target, names)
             target.layer.merge(target.weight, names)
     elif any(t.layer.merged_adapters for t in targets):
         unmerge_lora(model)

@@ -18,12 +18,16 @@ adapter root, the block layout of MHA adapters)
 rides in the safetensors metadata, which PEFT ignores, together with a copy of the fields that
 set the math, so a pair of files from two different saves is detected.
 
-Reading never trusts a file: tensors come from safetensors only (no pickle), and
+Saving replaces the directory as a whole (:mod:`lightning_lora.atomic`). Reading never trusts a
+file (:mod:`lightning_lora.untrusted`): both files come from one version of the directory, each
+read once; tensors come from safetensors only (no pickle); every config field is type-checked;
+only LoRA tensors and tensors of the declared ``modules_to_save`` are accepted; and
 :func:`read_adapter` checks the two files against each other before any model is touched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -32,72 +36,36 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import AdapterSpec
+from .atomic import atomic_write, interrupted_save_hint, read_files, replace_directory
+from .config import ADAPTER_DTYPES, INITS, MHA_PROJECTIONS, AdapterSpec
 from .delta import Update, delta_weight
-from .errors import AdapterFileError
+from .errors import AdapterFileError, AdapterSaveError
 from .names import FILE_PREFIX, file_key, parse_file_key, peft_mha_owner
 from .params import adapter_entries
+from .patterns import pattern_value
 from .peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MATH_KEYS,
     check_peft_config,
-    pattern_value,
     peft_config_dict,
     transposed_weights,
 )
 from .peft_mha import METADATA_FIELD, from_peft, peft_layout
+from .provenance import merge_records
 from .roots import rebase, relative, resolve_root, served_name_or_path
 from .state import lora_config
+from .untrusted import MAX_CONFIG_BYTES, parse_json, parse_safetensors, printable
+
+__all__ = ["AdapterFile", "adapter_tensors", "atomic_write", "read_adapter", "read_adapter_files", "save_adapter"]
 
 METADATA_KEY = "lightning_lora"
 
 # ------------------------------------------------------------------------------------ write
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then ``os.replace`` it into
-    place: a crash mid-write leaves the previous file whole, never a truncated one, and no
-    temporary file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # Writers differ (safetensors creates 0600 files): give the file the mode a plain
-        # open() would, or keep the mode of the file it replaces.
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
@@ -128,12 +96,18 @@ def save_adapter(
     writes full names. ``base_model_name_or_path`` defaults to the served model's Hugging Face
     ``config.name_or_path`` when it has one.
 
-    Each file is written atomically, the weights first: a save interrupted between the two
-    files leaves a pair that :func:`load_adapter` recognises as mismatched instead of loading
-    new weights with an old config. Tensors are copied to CPU (shared storage, e.g. tied
-    weights in a trainable module, is copied apart, as safetensors requires).
+    The directory is replaced as a whole (:func:`~lightning_lora.atomic.replace_directory`):
+    a reader, a crash at any instant, a full disk or a concurrent save sees the previous pair of
+    files or the new pair, never one of each, and a failed save leaves the previous adapter as
+    it was. Tensors are copied to CPU (shared storage, e.g. tied weights in a trainable module,
+    is copied apart, as safetensors requires). If adapters were merged into the model's weights
+    before this one trained, the file says so (``merged_into_base``), and loading it into a
+    model without that merge warns.
     """
     path = Path(path)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if (path / name).exists() and not (path / name).is_file():
+            raise AdapterSaveError(f"cannot save to {str(path)!r}: {str(path / name)!r} is not a file; remove it.")
     config = lora_config(model, adapter_name)
     root = resolve_root(model, root)
     base = base_model_name_or_path or served_name_or_path(model, root)
@@ -153,11 +127,29 @@ def save_adapter(
         "root": root,
         METADATA_FIELD: {relative(name, root): record for name, record in records.items()},
     }
+    merged = {name: [r.digest for r in records] for name, records in merge_records(model).items()}
+    if merged:
+        extras["merged_into_base"] = merged
     metadata = {"format": "pt", METADATA_KEY: json.dumps(extras)}
-    atomic_write(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    text = json.dumps(peft, indent=2, sort_keys=True)
-    atomic_write(path / ADAPTER_CONFIG, lambda tmp: tmp.write_text(text + "\n"))
-    return path
+    text = json.dumps(peft, indent=2, sort_keys=True) + "\n"
+
+    def fill(directory: Path) -> None:
+        try:
+            save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata=metadata)
+        except SafetensorError as err:  # an I/O error inside safetensors: say it as Python does
+            code = re.search(r"os error (\d+)", str(err))
+            raise OSError(int(code[1]) if code else errno.EIO, str(err), str(directory / ADAPTER_WEIGHTS)) from None
+        (directory / ADAPTER_CONFIG).write_text(text)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):  # safetensors makes 0600 files
+            os.chmod(directory / name, 0o666 & ~_umask())
+
+    return replace_directory(path, fill, managed=(ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _version() -> str:
@@ -169,40 +161,91 @@ def _version() -> str:
 # ------------------------------------------------------------------------------------- read
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """``adapter_config.json`` of directory ``path``, checked to be a LoRA adapter whose math we
-    implement. Unknown fields with default values are ignored with a warning; unknown fields
-    with other values, and known ones that change the math (DoRA, ...), are refused."""
-    file = Path(path) / ADAPTER_CONFIG
-    if not file.is_file():
-        what = "does not exist" if not Path(path).exists() else f"has no {ADAPTER_CONFIG}"
+MAX_KEY_LENGTH = 1000
+
+
+def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
+    """``(config, tensors, extras)`` of adapter directory ``path``, both files from one version
+    of it (each read once, as bytes, then parsed: a save in between cannot tear them apart).
+    The config is checked to be a LoRA adapter whose math we implement (unknown fields at their
+    defaults are ignored with a warning; others, and DoRA and the like, are refused), every
+    field has its type, and the tensors come from safetensors (never a pickle)."""
+    return _read(Path(path))[:3]
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any], dict[str, int]]:
+    try:
+        found = read_files(path, (ADAPTER_CONFIG, ADAPTER_WEIGHTS), {ADAPTER_CONFIG: MAX_CONFIG_BYTES})
+    except (FileNotFoundError, NotADirectoryError) as err:
+        what = "does not exist" if isinstance(err, FileNotFoundError) else "is not a directory"
         raise AdapterFileError(
-            f"adapter directory {str(path)!r} {what}; an adapter directory holds {ADAPTER_CONFIG} "
+            f"adapter directory {str(path)!r} {what}; an adapter directory holds {ADAPTER_CONFIG} and "
+            f"{ADAPTER_WEIGHTS}, as written by save_adapter or PEFT's save_pretrained.{interrupted_save_hint(path)}"
+        ) from None
+    if found[ADAPTER_CONFIG] is None:
+        raise AdapterFileError(
+            f"adapter directory {str(path)!r} has no {ADAPTER_CONFIG}; an adapter directory holds {ADAPTER_CONFIG} "
             f"and {ADAPTER_WEIGHTS}, as written by save_adapter or PEFT's save_pretrained."
         )
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{file} is not valid JSON ({err}); the file is corrupt.") from None
-    return check_peft_config(config, file)
+    config = check_peft_config(parse_json(found[ADAPTER_CONFIG], str(path / ADAPTER_CONFIG)), path / ADAPTER_CONFIG)
+    file = path / ADAPTER_WEIGHTS
+    if found[ADAPTER_WEIGHTS] is None:
+        raise AdapterFileError(f"{file} is missing; the adapter directory is incomplete.")
+    tensors, metadata = parse_safetensors(found[ADAPTER_WEIGHTS], str(file))
+    extras = parse_json(metadata.get(METADATA_KEY, "{}").encode(), f"{file}: its {METADATA_KEY!r} metadata")
+    check_extras(extras, file)
+    return config, tensors, extras, {name: len(data) for name, data in found.items() if data is not None}
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``adapter_config.json`` of directory ``path``, checked (see :func:`read_adapter_files`)."""
+    return read_adapter_files(path)[0]
 
 
 def read_adapter_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors of ``adapter_model.safetensors`` (never a pickle) and our metadata extras."""
-    file = Path(path) / ADAPTER_WEIGHTS
-    if not file.is_file():
-        raise AdapterFileError(f"{file} is missing; the adapter directory is incomplete.")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{file} is not a readable safetensors file ({err}); it may be truncated.") from None
-    try:
-        extras = json.loads(metadata.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{file}: its {METADATA_KEY!r} metadata is not valid JSON ({err}).") from None
+    _, tensors, extras = read_adapter_files(path)
     return tensors, extras
+
+
+# What our metadata may hold; a file from PEFT or another writer has none of it.
+_EXTRAS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "version": (lambda v: isinstance(v, str), "a string"),
+    "adapter_name": (lambda v: isinstance(v, str), "a string"),
+    "init": (lambda v: v in INITS, f"one of {list(INITS)}"),
+    "mha_projections": (lambda v: isinstance(v, list) and set(v) <= set(MHA_PROJECTIONS) and v, "a subset of q, k, v"),
+    "adapter_dtype": (lambda v: v is None or v in ADAPTER_DTYPES, f"null or one of {list(ADAPTER_DTYPES)}"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "fan_in_fan_out": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of weight names"),
+    "root": (lambda v: v is None or isinstance(v, str), "null or a module name"),
+    METADATA_FIELD: (lambda v: isinstance(v, dict), "an object"),
+    "merged_into_base": (
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(d, list) and all(isinstance(x, str) for x in d) for d in v.values())
+        ),
+        "an object mapping weight names to lists of digests",
+    ),
+}
+
+
+def check_extras(extras: Any, file: Path) -> None:
+    """Our safetensors metadata has the shape we write, field by field."""
+    if not isinstance(extras, dict):
+        raise AdapterFileError(f"{file}: its {METADATA_KEY!r} metadata must be a JSON object, found {extras!r}.")
+    for key, (ok, expected) in _EXTRAS.items():
+        if key in extras and not ok(extras[key]):
+            raise AdapterFileError(
+                f"{file}: its {METADATA_KEY!r} metadata field {key!r} must be {expected}, found {extras[key]!r}. "
+                f"The file was edited or damaged; save the adapter again."
+            )
+
+
+def _declared(key: str, modules: list[str]) -> bool:
+    """Whether state-dict key ``key`` lies inside one of ``modules`` (names or dotted suffixes of
+    module names, as PEFT's ``modules_to_save``)."""
+    parts = key.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
+    return any(p == m or p.endswith("." + m) for p in prefixes for m in modules)
 
 
 @dataclass
@@ -223,6 +266,8 @@ class AdapterFile:
     embedding: frozenset[str] = frozenset()
     alphas: dict[str, float] = field(default_factory=dict)
     """``lora_alpha`` of weights read from PEFT's MHA layout (their names are not in the config)."""
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Bytes of each file as read."""
 
     def rank(self, name: str) -> int:
         return int(self.pairs[name][0].shape[0])
@@ -231,13 +276,14 @@ class AdapterFile:
         """``lora_alpha`` of weight ``name`` (its ``alpha_pattern`` entry, if any)."""
         if name in self.alphas:
             return self.alphas[name]
-        return float(pattern_value(self.config.get("alpha_pattern") or {}, name, self.config["lora_alpha"]))
+        where = f"{self.path / ADAPTER_CONFIG}: alpha_pattern"
+        return float(pattern_value(self.config.get("alpha_pattern") or {}, name, self.config["lora_alpha"], where))
 
     def spec(self, name: str, base: AdapterSpec | None = None) -> AdapterSpec:
         """The hyper-parameters of weight ``name``: rank and alpha from the file, the rest from
         ``base`` (the config the adapter is injected with)."""
         base = base or AdapterSpec(r=self.rank(name), alpha=self.alpha(name))
-        use_rslora = bool(self.config.get("use_rslora"))
+        use_rslora = self.config.get("use_rslora") is True  # type-checked: a JSON boolean
         return replace(base, r=self.rank(name), alpha=self.alpha(name), use_rslora=use_rslora)
 
     def scaling(self, name: str) -> float:
@@ -264,9 +310,9 @@ class AdapterFile:
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read directory ``path`` and check that its two files agree with each other: every weight
     has an ``A`` and a ``B`` whose ranks match each other and the config."""
-    config = read_adapter_config(path)
-    tensors, extras = read_adapter_tensors(path)
-    file = Path(path) / ADAPTER_WEIGHTS
+    path = Path(path)
+    config, tensors, extras, sizes = _read(path)
+    file = path / ADAPTER_WEIGHTS
     saved = extras.get("config")
     if saved is not None:
         differ = [k for k in MATH_KEYS if saved.get(k) != config.get(k, saved.get(k))]
@@ -280,7 +326,10 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     halves: dict[str, dict[str, Tensor]] = {}
     trainable: dict[str, Tensor] = {}
     embedding: set[str] = set()
+    declared = list(config.get("modules_to_save") or [])
     for key, tensor in tensors.items():
+        if len(key) > MAX_KEY_LENGTH or not key.isprintable():
+            raise AdapterFileError(f"{file} holds a tensor named {printable(key[:80])!r}..., not a module's name.")
         parsed = parse_file_key(key)
         if parsed:
             halves.setdefault(parsed.name, {})[f"lora_{parsed.part}"] = tensor
@@ -291,17 +340,32 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
                 f"{file} holds {key!r}, a LoRA tensor of a kind lightning-lora does not implement "
                 f"(it loads lora_A/lora_B and lora_embedding_A/lora_embedding_B pairs)."
             )
-        else:
+        elif key.startswith(FILE_PREFIX) and _declared(key.removeprefix(FILE_PREFIX), declared):
             trainable[key.removeprefix(FILE_PREFIX)] = tensor
+        else:
+            hint = (
+                " PEFT writes the base weights of adapted embedding layers with save_embedding_layers=True: "
+                "save with save_embedding_layers=False unless the vocabulary was resized."
+                if key.endswith(".base_layer.weight")
+                else ""
+            )
+            raise AdapterFileError(
+                f"{file} holds {key!r}, which is neither a LoRA tensor nor inside a module its config "
+                f"declares in modules_to_save ({declared}): an adapter file may not replace other weights of the "
+                f"model. Refused.{hint}"
+            )
     if not halves:
         raise AdapterFileError(f"{file} holds no lora_A/lora_B tensors; it is not a LoRA adapter.")
     pairs = {}
 
     def rank_of(name: str) -> int:
-        return int(pattern_value(config.get("rank_pattern") or {}, name, config["r"]))
+        return int(
+            pattern_value(config.get("rank_pattern") or {}, name, config["r"], f"{path / ADAPTER_CONFIG}: rank_pattern")
+        )
 
     def alpha_of(name: str) -> float:
-        return float(pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+        where = f"{path / ADAPTER_CONFIG}: alpha_pattern"
+        return float(pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"], where))
 
     mha = {peft_mha_owner(n) for n in halves} - {None}
     for name, ab in halves.items():
@@ -330,4 +394,4 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         pairs[name] = (A, B)
     layouts = extras.get(METADATA_FIELD) if "version" in extras else None  # None: a file PEFT wrote
     pairs, alphas = from_peft(pairs, alpha_of, rank_of, layouts, file, config.get("peft_version"))
-    return AdapterFile(Path(path), config, pairs, trainable, extras, frozenset(embedding), alphas)
+    return AdapterFile(path, config, pairs, trainable, extras, frozenset(embedding), alphas, sizes)

@@ -19,6 +19,7 @@ from .errors import AdapterFileError, LoRAError, LoRAStateError
 from .inject import inject_lora, unload_lora
 from .io import AdapterFile, read_adapter
 from .peft_format import config_for_file
+from .provenance import merge_records, update_digest
 from .roots import fit_file
 from .state import adapted_weights, has_lora, lora_state
 
@@ -51,6 +52,7 @@ def load_adapter(
             f"name (load_adapter(model, path, adapter_name='second')) or delete_adapter(model, {adapter_name!r}) first."
         )
     file = fit_file(model, read_adapter(path), root)
+    check_not_merged_already(model, file)
     had_lora = has_lora(model)
     active = {t.path: list(t.layer.active_adapters) for t in adapted_weights(model)}
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -65,6 +67,32 @@ def load_adapter(
             raise AdapterFileError(f"adapter {str(path)!r} does not fit this model: {err}") from None
         raise
     return names
+
+
+def check_not_merged_already(model: nn.Module, file: AdapterFile) -> None:
+    """Refuse an adapter whose ``ΔW`` this model's weights hold already (their merge record
+    names its digest); warn when the file was trained on weights holding merges this model's do
+    not record (it was saved after a merge, e.g. by a second ``fit`` of a merged model)."""
+    records = merge_records(model)
+    for name in sorted(set(records) & set(file.pairs)):
+        if update_digest(*file.update(name)) in {r.digest for r in records[name]}:
+            raise LoRAStateError(
+                f"adapter {str(file.path)!r} is merged into {name!r} of this model already (merge_lora or "
+                f"unload_lora(merge=True) put its ΔW into the weight): loading it again would add ΔW twice. "
+                f"Use the model as it is, or load the adapter into a freshly built base model."
+            )
+    trained_on = file.extras.get("merged_into_base") or {}
+    lacking = sorted(
+        n for n, digests in trained_on.items() if not set(digests) <= {r.digest for r in records.get(n, [])}
+    )
+    if lacking:
+        warnings.warn(
+            f"adapter {str(file.path)!r} was trained on weights into which other adapter(s) had been merged "
+            f"(e.g. at {lacking[0]!r}); this model's weights record no such merge. Unless they hold it anyway "
+            f"(merged by `lightning-lora merge`, say), its outputs differ from the trained model's: load and "
+            f"merge_lora those adapters first.",
+            stacklevel=3,
+        )
 
 
 def _fill(model: nn.Module, adapter_name: str, file: AdapterFile) -> None:

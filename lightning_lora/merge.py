@@ -3,6 +3,8 @@
 ``merge_lora`` computes ``W + Σ ΔW`` in float32 (:func:`~lightning_lora.layers.merged_block`),
 checks every result for NaN/Inf before it writes any weight, and casts once; ``unmerge_lora``
 subtracts again (exact in fp32; in bf16 within a rounding of ``|W| + |ΔW|``, see the README).
+Every merge is noted on the module owning the weight (:mod:`~lightning_lora.provenance`), where
+it outlives the LoRA layers, so the model knows which adapters its weights hold.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from . import quantized
 from .delta import first_nonfinite, merged_block
 from .errors import LoRAStateError
 from .layers import LoRALinear, LoRAWrapper
+from .provenance import MERGED_ATTR, forget_merge, record_merge
 from .sharing import other_holders, tensor_holders
 from .state import AdaptedWeight, adapted_weights, require_adapted
 
@@ -30,6 +33,7 @@ def merge_lora(model: nn.Module, adapter_names: str | Iterable[str] | None = Non
     if safe:
         refuse_nonfinite(plan)
     for target, names in plan:
+        record_merge(model, target, names)
         target.layer.merge(target.weight, names)
 
 
@@ -109,7 +113,7 @@ def unmerge_lora(model: nn.Module) -> None:
     if not any(t.layer.merged_adapters for t in targets):
         raise LoRAStateError("nothing to unmerge: no adapter is merged (see merge_lora).")
     for target in targets:
-        target.layer.unmerge(target.weight)
+        forget_merge(model, target, target.layer.unmerge(target.weight))
 
 
 def merge_quantized(model: nn.Module, requantize: bool = False) -> list[quantized.RequantizationError]:
@@ -144,6 +148,8 @@ def merge_quantized(model: nn.Module, requantize: bool = False) -> list[quantize
             errors.append(error)
         else:
             plain = quantized.dense_linear(base, weight)
+        record_merge(model, t, t.layer.unmerged_active())  # on the quantized base: moved to its successor
+        plain.__dict__[MERGED_ATTR] = base.__dict__.pop(MERGED_ATTR)
         parent, _, child = t.path.rpartition(".")
         setattr(model.get_submodule(parent), child, plain)
     if errors:

@@ -11,9 +11,8 @@ warning, others refused. :func:`config_for_file` turns an accepted file into the
 
 from __future__ import annotations
 
-import re
+import math
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from torch import nn
 from .config import ADAPTER_DTYPES, LoRAConfig
 from .errors import AdapterFileError
 from .params import trainable_module_names
+from .patterns import PatternKeyError, check_pattern_key
 from .peft_mha import peft_layout
 from .state import adapted_weights, lora_config
 from .targets import target_fields
@@ -79,6 +79,7 @@ def check_peft_config(config: Any, file: Path) -> dict[str, Any]:
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise AdapterFileError(f"{file} lacks the field {key!r} that every LoRA adapter has.")
+    check_field_types(config, file)
     for key, what in MATH_FIELDS.items():
         if not _is_default(config.get(key)):
             raise AdapterFileError(
@@ -103,6 +104,68 @@ def check_peft_config(config: Any, file: Path) -> dict[str, Any]:
     if ignored:
         warnings.warn(f"{file}: ignoring unknown fields left at their defaults: {ignored}", stacklevel=4)
     return config
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(n, str) and n for n in v)
+
+
+def _optional(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+# What each field we read must hold, and how to say it. Fields not listed are either harmless
+# and unread, or checked for their default value (MATH_FIELDS).
+FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string such as 'LORA'"),
+    "r": (_positive_int, "a positive integer (the rank)"),
+    "lora_alpha": (_positive_number, "a positive number (the scale numerator)"),
+    "lora_dropout": (
+        _optional(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1),
+        "a number in [0, 1)",
+    ),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false (a JSON boolean, not a string)"),
+    "target_modules": (_optional(lambda v: isinstance(v, str) or _names(v)), "a list of module names, or a string"),
+    "exclude_modules": (_optional(lambda v: isinstance(v, str) or _names(v)), "a list of module names, or a string"),
+    "modules_to_save": (_optional(_names), "a list of module names, or null"),
+    "rank_pattern": (
+        _optional(lambda v: isinstance(v, dict) and all(_positive_int(x) for x in v.values())),
+        "an object mapping module names to positive integers",
+    ),
+    "alpha_pattern": (
+        _optional(lambda v: isinstance(v, dict) and all(_positive_number(x) for x in v.values())),
+        "an object mapping module names to positive numbers",
+    ),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or the name of an initialisation"),
+    "base_model_name_or_path": (_optional(lambda v: isinstance(v, str)), "a string, or null"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_field_types(config: dict[str, Any], file: Path) -> None:
+    """Every field we read holds what it must: an :class:`AdapterFileError` names the file,
+    the field, the value found and what was expected (``"r": "8"`` is not the rank 8,
+    ``"use_rslora": "false"`` is not false)."""
+    for key, (ok, expected) in FIELD_TYPES.items():
+        if key in config and not ok(config[key]):
+            raise AdapterFileError(
+                f"{file}: field {key!r} must be {expected}, found {config[key]!r} "
+                f"({type(config[key]).__name__}). Fix the file, or save the adapter again."
+            )
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in config.get(field_name) or {}:
+            try:
+                check_pattern_key(key)
+            except PatternKeyError as err:
+                raise AdapterFileError(f"{file}: {field_name} key {key!r} is refused: {err}.") from None
 
 
 def peft_config_dict(
@@ -166,20 +229,6 @@ def transposed_weights(model: nn.Module, adapter_name: str = "default") -> list[
         for t in adapted_weights(model)
         if adapter_name in t.layer.lora_A and t.layer.transposed and not t.layer.embedding_keys
     ]
-
-
-def pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
-    """Per-weight rank/alpha: an exact name (our files), else PEFT's rule (the key is a regex
-    matching the name or a dotted suffix of it)."""
-    if name in pattern:
-        return pattern[name]
-    for key, value in pattern.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error:
-            continue
-    return default
 
 
 def config_for_file(model: nn.Module, file: AdapterFile) -> LoRAConfig:
