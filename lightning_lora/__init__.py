@@ -10,7 +10,15 @@ __version__ = "0.1.0"
 from .adapters import active_adapters, adapter_names, combine_adapters, delete_adapter, disable_adapters, set_adapter
 from .advisor import RankSuggestion, resize_adapter, spectra, suggest_ranks
 from .config import AdapterSpec, LoRAConfig
-from .errors import AdapterFileError, LoRAConfigError, LoRAError, LoRAStateError, LoRATargetError
+from .errors import (
+    AdapterFileError,
+    AdapterSaveError,
+    CheckpointError,
+    LoRAConfigError,
+    LoRAError,
+    LoRAStateError,
+    LoRATargetError,
+)
 from .inject import inject_lora, unload_lora
 from .io import read_adapter, save_adapter
 from .layer_types import LoRAConv, LoRAConv1D, LoRAEmbedding
@@ -34,7 +42,9 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AdapterFileError",
+    "AdapterSaveError",
     "AdapterSpec",
+    "CheckpointError",
     "LoRACallback",
     "LoRAConfig",
     "LoRAConfigError",

@@ -62,6 +62,11 @@ OPTION_OVERRIDES = {
     "adapter_name": ("task_a", "task_a"),
     "full_checkpoints": ("true", True),
     "log_analysis": ("false", False),
+    "adapter_root": ("model", "model"),
+    "overwrite": ("true", True),
+    "log_rank_advice": ("true", True),
+    "report_merge": ("false", False),
+    "merge_probe": ("null", None),
 }
 
 

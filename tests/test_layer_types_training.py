@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from torch.utils.data import DataLoader
 
-from lightning_lora import LoRACallback, load_adapter, lora_parameters
+from lightning_lora import LoRACallback, load_adapter, lora_parameters, read_adapter
 
 from .tiny_models import gpt2, resnet, types_and_keys, unet
 
@@ -75,8 +75,15 @@ def test_trains_merges_to_the_original_types_and_round_trips_through_peft(name, 
     load_adapter(trained, adapter_dir)  # the trained, unmerged model
     torch.testing.assert_close(outputs(trained), merged, rtol=0, atol=1e-5)
 
-    peft = PeftModel.from_pretrained(copy.deepcopy(untrained), adapter_dir)
-    torch.testing.assert_close(outputs(peft), merged, rtol=0, atol=1e-5)
+    # The callback names weights relative to the served model (adapter_root="auto": the Hugging
+    # Face model the LightningModule holds), so PEFT loads the file into that model itself.
+    root = read_adapter(adapter_dir).extras["root"]
+    served = copy.deepcopy(untrained)
+    peft = PeftModel.from_pretrained(served.get_submodule(root) if root else served, adapter_dir)
+    if root:  # the PEFT model in the served model's place
+        parent, _, child = root.rpartition(".")
+        setattr(served.get_submodule(parent), child, peft)
+    torch.testing.assert_close(outputs(served), merged, rtol=0, atol=1e-5)
     peft.save_pretrained(tmp_path / "from_peft")
     back = copy.deepcopy(untrained)
     load_adapter(back, tmp_path / "from_peft")

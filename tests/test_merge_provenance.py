@@ -176,8 +176,8 @@ def test_another_base_is_refused_by_name(checkpoint):
 
 
 class Module(L.LightningModule):
-    """A LightningModule whose own checkpoint hooks do what the callback will (the fingerprint
-    in the adapter-only checkpoint, the check before the state dict loads)."""
+    """A plain LightningModule: the callback writes the fingerprint into the adapter-only
+    checkpoint and checks it before the state dict loads."""
 
     def __init__(self):
         super().__init__()
@@ -197,15 +197,6 @@ class Module(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=5e-2)
-
-    def on_save_checkpoint(self, checkpoint):
-        if CHECKPOINT_KEY in checkpoint:
-            checkpoint[CHECKPOINT_KEY]["base_fingerprint"] = base_fingerprint(self, "default")
-
-    def on_load_checkpoint(self, checkpoint):
-        marker = checkpoint.get(CHECKPOINT_KEY) or {}
-        if marker.get("adapter_only") and marker.get("base_fingerprint"):
-            check_base(self, marker["base_fingerprint"], "default", checkpoint["state_dict"])
 
 
 def loader():
