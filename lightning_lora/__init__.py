@@ -7,6 +7,7 @@ importing Lightning (seconds at every start).
 
 __version__ = "0.1.0"
 
+from .adapter_file import read_adapter
 from .adapters import active_adapters, adapter_names, combine_adapters, delete_adapter, disable_adapters, set_adapter
 from .advisor import RankSuggestion, resize_adapter, spectra, suggest_ranks
 from .config import AdapterSpec, LoRAConfig
@@ -20,7 +21,7 @@ from .errors import (
     LoRATargetError,
 )
 from .inject import inject_lora, unload_lora
-from .io import read_adapter, save_adapter
+from .io import save_adapter
 from .layer_types import LoRAConv, LoRAConv1D, LoRAEmbedding
 from .layers import LoRALayer, LoRALinear, LoRAParametrization
 from .load import load_adapter

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .adapter_file import AdapterFile, read_adapter
 from .analysis import delta_singular_values, effective_rank
 from .config import AdapterSpec
 from .errors import LoRAConfigError, LoRAStateError
-from .io import AdapterFile, read_adapter
 from .state import adapted_weights, lora_config
 from .tables import render_table
 

@@ -25,9 +25,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .adapter_file import read_adapter
 from .errors import LoRAError
 from .export import PROG, UsageError, as_adapter_dir, merge_files
-from .io import read_adapter
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .tables import natural_key, render_table, repeated_block
 from .untrusted import printable

@@ -24,9 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .adapter_file import AdapterFile, read_adapter
+from .atomic import atomic_write
 from .delta import first_nonfinite, from_matrix, matrix_view, merged_block, with_block
 from .errors import AdapterFileError
-from .io import AdapterFile, atomic_write, read_adapter
 from .names import CHECKPOINT_KEY, block_rows, parse_weight_name
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .report import file_merge_report

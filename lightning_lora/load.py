@@ -14,10 +14,10 @@ import warnings
 import torch
 from torch import nn
 
+from .adapter_file import AdapterFile, read_adapter
 from .adapters import adapter_names, check_adapter_name, delete_adapter
 from .errors import AdapterFileError, LoRAError, LoRAStateError
 from .inject import inject_lora, unload_lora
-from .io import AdapterFile, read_adapter
 from .peft_format import config_for_file
 from .provenance import merge_records, update_digest
 from .roots import fit_file

@@ -27,7 +27,7 @@ from .state import adapted_weights, lora_config
 from .targets import target_fields
 
 if TYPE_CHECKING:
-    from .io import AdapterFile
+    from .adapter_file import AdapterFile
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -34,7 +34,7 @@ from .names import block_rows, parse_weight_name
 from .state import require_adapted
 
 if TYPE_CHECKING:
-    from .io import AdapterFile
+    from .adapter_file import AdapterFile
 
 DRIFT_ULPS = 4
 """Output drift the dtype explains, in machine epsilons of the lowest-precision merged weight,

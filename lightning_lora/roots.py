@@ -31,7 +31,7 @@ from .params import trainable_module_names
 from .state import adapted_weights
 
 if TYPE_CHECKING:
-    from .io import AdapterFile
+    from .adapter_file import AdapterFile
 
 AUTO = "auto"
 """``adapter_root="auto"``: use :func:`default_adapter_root`."""

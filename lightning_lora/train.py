@@ -30,8 +30,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import atomic_write
 from .hydra_config import register_configs
-from .io import atomic_write
 from .stats import parameter_stats
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
