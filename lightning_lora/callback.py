@@ -1,23 +1,13 @@
 """``LoRACallback``: LoRA fine-tuning for an existing Lightning ``Trainer``, in one line.
 
 A thin Lightning skin over the functional API, shaped like Lightning's ``BaseFinetuning``: each
-hook is a few lines calling named functions. In Lightning 2.6's ``fit`` order:
-
-* ``setup``: checkpoints will load as data only (:mod:`lightning_lora.checkpoint_io`); inject
-  LoRA and freeze the base (right after ``configure_model`` for a module that builds its layers
-  there), before any restore and before the strategy wraps the model.
-* checkpoint restore: :mod:`lightning_lora.restore` runs first in the module's
-  ``on_load_checkpoint`` (no callback hook runs before the weights load); the callback's own
-  ``on_load_checkpoint`` runs after them and checks that every LoRA tensor arrived.
-* ``on_fit_start`` (after the strategy built the optimizers): every optimizer keeps only the
-  trainable parameters; the adapter directory is checked, before any step trains
-  (:mod:`lightning_lora.preflight`); options and parameter counts go to the loggers.
-* ``on_fit_end``: save the adapter (rank 0; names relative to the served model:
-  :mod:`lightning_lora.roots`), report what it learned and how far a merge moves the model
-  (:mod:`lightning_lora.reporting`), then merge ``ΔW`` into ``W`` and unload, so what follows
-  (test, predict, export) runs a plain model. ``on_exception``: save it to ``<adapter_dir>/last``.
-* ``on_save_checkpoint``: keep the LoRA weights and trainable modules, not the frozen base, and a
-  fingerprint of the base they belong on.
+hook is a few lines calling named functions, in Lightning 2.6's ``fit`` order: ``setup``
+(checkpoints load as data; inject and freeze), the restore (:mod:`lightning_lora.restore`),
+``on_fit_start`` (optimizers keep the adapters; the adapter directory is checked before any
+step, :mod:`lightning_lora.fit_saves`; options and counts logged), ``on_fit_end`` (save; what the
+adapter learned and how far the merge moves the model, :mod:`lightning_lora.reporting`; merge
+and unload), ``on_exception`` (save to ``last/``) and ``on_save_checkpoint`` (adapter-only).
+The README's table says what each hook does and why.
 """
 
 from __future__ import annotations

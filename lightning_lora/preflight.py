@@ -10,13 +10,15 @@ would replace the first adapter (and, after a merge at the first fit's end, with
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from torch import nn
 
-from .atomic import check_writable
 from .errors import AdapterSaveError
 from .params import adapter_entries
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -64,3 +66,53 @@ def check_adapter_dir(
         f"it.{merged} Choose another adapter_dir (the default, <log_dir>/lora_adapter, is new for every run), or "
         f"pass overwrite=True to replace it."
     )
+
+
+def check_writable(path: str | os.PathLike, needed_bytes: int = 0, what: str = "directory") -> Path:
+    """Check that :func:`~lightning_lora.atomic.replace_directory` can write ``path``: nothing but directories on the
+    way, the nearest existing one writable (a real probe: a directory created and removed, so
+    read-only file systems and root's permissions are judged as a save would be), and
+    ``needed_bytes`` free. Creates nothing that stays. Raises :class:`AdapterSaveError`
+    naming the obstacle and the fix."""
+    path = Path(path).absolute()
+    existing = path
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is a file, so {str(path)!r} cannot be created under it"
+        raise AdapterSaveError(
+            f"cannot save the {what} to {str(path)!r}: {str(existing)!r} {where}. Choose a directory path, "
+            f"or move that file away."
+        )
+    probes = [existing] if existing != path else [path.parent, path]
+    for directory in probes:
+        _probe(directory, path, what)
+    if needed_bytes:
+        free = shutil.disk_usage(existing).free
+        if free < needed_bytes:
+            raise AdapterSaveError(
+                f"cannot save the {what} to {str(path)!r}: it needs about {_size(needed_bytes)} and "
+                f"{str(existing)!r} has {_size(free)} free. Free some space or choose another place."
+            )
+    return path
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def _probe(directory: Path, path: Path, what: str) -> None:
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lightning-lora-probe-", dir=directory))
+    except OSError as err:
+        why = {
+            errno.EACCES: "this user may not write there (check its permissions, e.g. chmod u+w)",
+            errno.EPERM: "this user may not write there (check its permissions, e.g. chmod u+w)",
+            errno.EROFS: "it is on a read-only file system",
+            errno.ENOSPC: "the disk is full",
+            errno.EDQUOT: "the disk quota is exhausted",
+        }.get(err.errno or 0, err.strerror or str(err))
+        raise AdapterSaveError(
+            f"cannot save the {what} to {str(path)!r}: {str(directory)!r} is not writable: {why}. "
+            f"Choose a writable place, or fix that directory."
+        ) from None

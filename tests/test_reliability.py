@@ -25,6 +25,7 @@ from torch import nn
 
 import lightning_lora.atomic as atomic
 import lightning_lora.io as lora_io
+import lightning_lora.preflight as preflight
 from lightning_lora import AdapterFileError, inject_lora, load_adapter, lora_parameters, read_adapter, save_adapter
 from lightning_lora.errors import AdapterSaveError
 from lightning_lora.preflight import adapter_bytes, check_adapter_dir
@@ -370,7 +371,7 @@ def test_a_directory_this_user_may_not_write_is_refused_before_training(tmp_path
     locked.mkdir(mode=0o555)
     if os.geteuid() == 0:  # root writes anywhere (and so would its save): inject what another user gets
         monkeypatch.setattr(
-            atomic.tempfile, "mkdtemp", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "denied"))
+            preflight.tempfile, "mkdtemp", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "denied"))
         )
     with pytest.raises(AdapterSaveError, match=r"'.*/locked' is not writable: this user may not write there \(check"):
         check_adapter_dir(locked / "adapter")
