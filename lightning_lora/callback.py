@@ -69,6 +69,8 @@ class LoRACallback(Callback):
         mha_projections: which of q, k, v in an ``nn.MultiheadAttention`` get ``A``/``B`` (``None``: all).
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         adapter_dtype: dtype of ``A`` and ``B``; ``None`` follows the base weight.
+        rank_pattern: per-weight ranks, ``{name or pattern: r}`` (PEFT's rule; ``None``: none).
+        alpha_pattern: per-weight ``alpha``, matched as ``rank_pattern`` (``None``: none).
         merge_on_fit_end: merge ``ΔW`` into ``W`` and remove the LoRA layers once ``fit`` ends.
         adapter_dir: where ``fit`` saves the adapter; ``None``: ``<trainer.log_dir>/lora_adapter``
             (``default_root_dir`` without a logger). Checked at fit start: writable, and holding
@@ -113,6 +115,8 @@ class LoRACallback(Callback):
         mha_projections: list[str] | None = None,
         use_rslora: bool = LoRAConfig.use_rslora,
         adapter_dtype: str | None = LoRAConfig.adapter_dtype,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
         merge_on_fit_end: bool = True,
         adapter_dir: str | None = None,
         adapter_root: str | None = AUTO,

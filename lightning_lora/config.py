@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import LoRAConfigError
+from .errors import AdapterFileError, LoRAConfigError
+from .patterns import PatternKeyError, check_pattern_key, pattern_value
 
 ALL_LINEAR = "all-linear"
 INITS = ("zeros_b", "gaussian")
@@ -104,6 +105,16 @@ class LoRAConfig:
     """dtype of ``A`` and ``B``. ``None`` follows the base weight (bf16 base, bf16 adapters: the
     fast choice); ``"float32"`` keeps fp32 adapters on a low-precision base."""
 
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    r"""Per-weight ranks (PEFT's ``rank_pattern``): ``{key: r}``; the others get ``r``. A key is an
+    adapted weight's exact name (as tables and files name it), else matched as PEFT matches it: a
+    regular expression that must match the module's name or a dotted suffix of it (``v_proj``,
+    ``layers\.0\..*``); the first key that matches wins. Keys are accepted only within a
+    grammar whose matching time is bounded (:mod:`lightning_lora.patterns`)."""
+
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-weight ``alpha`` (PEFT's ``alpha_pattern``), matched as ``rank_pattern``."""
+
     def __post_init__(self) -> None:
         self.r = _positive_int("r", self.r, "the rank of A and B, e.g. r=8")
         self.alpha = _positive_number("alpha", self.alpha, "the scale numerator, e.g. alpha=16")
@@ -117,6 +128,12 @@ class LoRAConfig:
             raise LoRAConfigError(f"LoRAConfig.use_rslora must be true or false, got {self.use_rslora!r}.")
         if self.adapter_dtype is not None:
             self.adapter_dtype = _choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        self.rank_pattern = _pattern(
+            "rank_pattern", self.rank_pattern, lambda v: _positive_int("rank_pattern", v, "a rank")
+        )
+        self.alpha_pattern = _pattern(
+            "alpha_pattern", self.alpha_pattern, lambda v: _positive_number("alpha_pattern", v, "an alpha")
+        )
 
     @property
     def scaling(self) -> float:
@@ -125,8 +142,15 @@ class LoRAConfig:
 
     @property
     def spec(self) -> AdapterSpec:
-        """The per-layer hyper-parameters this config gives every adapted weight."""
+        """The per-layer hyper-parameters this config gives a weight no pattern names."""
         return AdapterSpec(self.r, self.alpha, self.dropout, self.init, self.use_rslora)
+
+    def spec_for(self, weight: str, module: str | None = None) -> AdapterSpec:
+        """The hyper-parameters of adapted weight ``weight`` (of module ``module``, whose name
+        patterns match; default: ``weight``): ``r`` and ``alpha`` from the patterns, if one names it."""
+        r = _lookup(self.rank_pattern, "rank_pattern", weight, module, self.r)
+        alpha = _lookup(self.alpha_pattern, "alpha_pattern", weight, module, self.alpha)
+        return AdapterSpec(int(r), float(alpha), self.dropout, self.init, self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (lists, not tuples), e.g. for loggers and adapter files."""
@@ -248,6 +272,32 @@ def _targets(value: Any) -> str | list[str]:
             f"['query', 'value'], or use '{ALL_LINEAR}'."
         )
     return names
+
+
+def _pattern(name: str, value: Any, check: Callable[[Any], Any]) -> dict[str, Any]:
+    """A ``{key: value}`` mapping (an OmegaConf DictConfig too) whose keys parse in the bounded
+    pattern grammar and whose values pass ``check``."""
+    if not isinstance(value, Mapping):
+        raise LoRAConfigError(
+            f"LoRAConfig.{name} must map module names or patterns to values, e.g. {{v_proj: 2}}, got {value!r}."
+        )
+    out = {}
+    for key, item in value.items():
+        try:
+            check_pattern_key(key)
+        except PatternKeyError as err:
+            raise LoRAConfigError(f"LoRAConfig.{name} key {key!r}: {err}.") from None
+        out[str(key)] = check(item)
+    return out
+
+
+def _lookup(pattern: Mapping[str, Any], name: str, weight: str, module: str | None, default: Any) -> Any:
+    if weight in pattern:
+        return pattern[weight]
+    try:
+        return pattern_value(pattern, module or weight, default, f"LoRAConfig.{name}")
+    except AdapterFileError as err:  # a key too costly for this name: a config error here
+        raise LoRAConfigError(str(err)) from None
 
 
 def _projections(value: Any) -> list[str]:

@@ -30,6 +30,7 @@ import typing
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from .callback import TARGET, LoRACallback
 from .config import LoRAConfig
@@ -40,11 +41,13 @@ _CHECKED = (bool, int, float, str)  # what OmegaConf checks and converts on assi
 
 def node_type(annotation: Any) -> Any:
     """``annotation`` where OmegaConf can check it (a scalar, an optional scalar, a list of
-    scalars), else ``Any``: a factory or a union like ``str | list[str]`` is checked when the
+    scalars, a dict of scalars), else ``Any``: a factory or a union like ``str | list[str]`` is checked when the
     callback is built instead."""
     args = typing.get_args(annotation)
     if annotation in _CHECKED or (typing.get_origin(annotation) is list and args and args[0] in _CHECKED):
         return annotation
+    if typing.get_origin(annotation) is dict and args and args[0] is str and args[1] in _CHECKED:
+        return annotation  # a typed dict takes new keys (lora.rank_pattern={v_proj:2}), values checked
     optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
     if optional and len(args) == 2 and node_type(next(a for a in args if a is not type(None))) is not Any:
         return annotation
@@ -73,5 +76,11 @@ LoRACallbackConf.__module__ = __name__  # make_dataclass(module=...) needs Pytho
 
 
 def register_configs() -> None:
-    """Store the schema as ``lora/schema`` in Hydra's ConfigStore (again is harmless)."""
-    ConfigStore.instance().store(group=GROUP, name=NAME, node=LoRACallbackConf, provider="lightning_lora")
+    """Store the schema as ``lora/schema`` in Hydra's ConfigStore (again is harmless). Its dict
+    fields (``rank_pattern``, ``alpha_pattern``) take new keys: ``lora.rank_pattern={v_proj:2}``
+    adds one, where the struct flag of the rest of the node would refuse it (values still typed)."""
+    node = OmegaConf.structured(LoRACallbackConf)
+    for name, kind, _ in schema_fields():
+        if typing.get_origin(kind) is dict:
+            OmegaConf.set_struct(node[name], False)
+    ConfigStore.instance().store(group=GROUP, name=NAME, node=node, provider="lightning_lora")

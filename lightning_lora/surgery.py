@@ -49,7 +49,7 @@ def adapt(
     lists for it; without ``places``, under ``target.name`` only."""
     module, parent = target.module, target.parent
     if isinstance(module, LoRAWrapper):
-        _add(module, config, adapter_name, module.weight, module.base_layer)
+        _add(module, config, adapter_name, target.name, module.weight, module.base_layer)
     elif isinstance(module, nn.MultiheadAttention):
         _adapt_mha(module, target.name, config, adapter_name, state, target.with_out_proj)
     elif isinstance(module, nn.Linear) and isinstance(parent, _READS_CHILD_WEIGHTS):
@@ -59,7 +59,7 @@ def adapt(
         if kind is None or kind.wrapper is None:  # find_targets selects supported types only
             raise LoRATargetError(f"{target.name!r} ({type(module).__name__}) has no LoRA wrapper.")
         wrapped = kind.wrapper(module)
-        _add(wrapped, config, adapter_name, module.weight, module)
+        _add(wrapped, config, adapter_name, target.name, module.weight, module)
         where = (places or {}).get(id(module)) or [(parent, target.name.rsplit(".", 1)[-1])]
         for holder, attr in where:
             setattr(holder, attr, wrapped)
@@ -113,9 +113,19 @@ def _adapter_dtype(config: LoRAConfig, weight: Tensor, base: nn.Module | None) -
     return weight.dtype
 
 
-def _add(layer: LoRALayer, config: LoRAConfig, name: str, weight: Tensor, base: nn.Module | None = None) -> None:
+def _add(
+    layer: LoRALayer,
+    config: LoRAConfig,
+    name: str,
+    adapted: str,
+    weight: Tensor,
+    base: nn.Module | None = None,
+    module: str | None = None,
+) -> None:
+    """Adapter ``name`` on ``layer``, with the hyper-parameters ``config`` gives the adapted weight
+    ``adapted`` (of module ``module``: its rank/alpha patterns), in the adapter dtype."""
     dtype = _adapter_dtype(config, weight, base)
-    layer.add_adapter(name, config.spec, dtype=dtype, device=weight.device)
+    layer.add_adapter(name, config.spec_for(adapted, module), dtype=dtype, device=weight.device)
 
 
 def _parametrize(
@@ -139,7 +149,7 @@ def _parametrize(
         weight = chain.original
         for existing in chain:
             if isinstance(existing, LoRAParametrization) and existing.label == label:
-                _add(existing, config, adapter_name, weight)
+                _add(existing, config, adapter_name, weight_name(path, tensor_name, label), weight, module=path)
                 return
     else:
         weight = getattr(module, tensor_name)
@@ -148,7 +158,7 @@ def _parametrize(
         state.param_order.setdefault(path, list(module._parameters))
     d_out = weight.shape[0] if rows is None else rows[1] - rows[0]
     layer = LoRAParametrization(d_out, weight.shape[1], rows=rows, label=label)
-    _add(layer, config, adapter_name, weight)
+    _add(layer, config, adapter_name, weight_name(path, tensor_name, label), weight, module=path)
     _own_class(module)  # registering adds a property to the class: keep it off deep copies
     parametrize.register_parametrization(module, tensor_name, layer)
 
