@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from .adapter_file import read_adapter
 from .adapters import active_adapters, adapter_names, combine_adapters, delete_adapter, disable_adapters, set_adapter
-from .advisor import RankSuggestion, resize_adapter, spectra, suggest_ranks
+from .advisor import RankSuggestion, spectra, suggest_ranks
 from .config import AdapterSpec, LoRAConfig
 from .errors import (
     AdapterFileError,
@@ -28,6 +28,7 @@ from .load import load_adapter
 from .merge import merge_lora, unmerge_lora
 from .params import lora_parameters, lora_state_dict, mark_only_lora_as_trainable
 from .report import merge_report
+from .resize import resize_adapter, resize_adapter_file
 from .state import adapted_weights, lora_config
 from .state import lora_layers as lora_layers  # the name before adapted_weights; kept for old code
 from .stats import ParameterStats, parameter_stats
@@ -77,6 +78,7 @@ __all__ = [
     "parameter_stats",
     "read_adapter",
     "resize_adapter",
+    "resize_adapter_file",
     "save_adapter",
     "set_adapter",
     "spectra",

@@ -6,9 +6,8 @@ the ``r × r`` core, :func:`~lightning_lora.analysis.delta_singular_values`; ``�
 formed), the best rank-``k`` approximation keeps ``Σ_{i≤k} σᵢ² / Σ σᵢ²`` of the update's energy
 ``‖ΔW‖²_F`` (Eckart–Young). :func:`suggest_ranks` picks, per weight, the smallest ``k`` that
 keeps a share ``energy`` — or, given a ``budget`` of trainable parameters, the largest singular
-values across all weights that fit in it. :func:`resize_adapter` replaces each adapter by that
-best approximation: ``B_k = Q_b U_k Σ_k^½``, ``A_k = Σ_k^½ (Q_a V_k)ᵀ`` with scale 1, where
-``s·B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (QR) and ``R_b R_aᵀ = U Σ Vᵀ``.
+values across all weights that fit in it. :mod:`lightning_lora.resize` cuts an adapter down to
+those ranks.
 
 The suggestion is a measurement of one trained adapter, not a guarantee: whether a model
 retrained at the suggested ranks matches is what ``experiments/rank_advisor`` tests.
@@ -16,7 +15,6 @@ retrained at the suggested ranks matches is what ``experiments/rank_advisor`` te
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,9 +24,8 @@ from torch import Tensor, nn
 
 from .adapter_file import AdapterFile, read_adapter
 from .analysis import delta_singular_values, effective_rank
-from .config import AdapterSpec
 from .errors import LoRAConfigError, LoRAStateError
-from .state import adapted_weights, lora_config
+from .state import adapted_weights
 from .tables import render_table
 
 ENERGIES = (0.9, 0.95, 0.99)
@@ -186,77 +183,3 @@ def _within_budget(found: list[WeightSpectrum], budget: int) -> dict[str, int]:
             break  # what is kept is exactly the largest singular values: no smaller one jumps the queue
         ranks[s.name], spent = k, spent + cost
     return ranks
-
-
-def truncate(A: Tensor, B: Tensor, scale: float, k: int) -> tuple[Tensor, Tensor, float]:
-    """The best rank-``k`` approximation of ``ΔW = scale · B A`` as ``(A_k (k, d_in), B_k
-    (d_out, k))`` with scale 1, in float32, and the share of ``‖ΔW‖²`` it keeps."""
-    q_b, r_b = torch.linalg.qr(B.detach().float() * scale)
-    q_a, r_a = torch.linalg.qr(A.detach().float().T)
-    u, sigma, vh = torch.linalg.svd(r_b @ r_a.T)
-    k = min(k, sigma.numel())
-    root = sigma[:k].sqrt()
-    B_k = (q_b @ u[:, :k]) * root
-    A_k = root[:, None] * (vh[:k] @ q_a.T)
-    total = float(sigma.pow(2).sum())
-    return A_k, B_k, 1.0 if total == 0 else float(sigma[:k].pow(2).sum()) / total
-
-
-def resize_adapter(
-    model: nn.Module,
-    ranks: int | dict[str, int] | None = None,
-    energy: float | None = None,
-    budget: int | None = None,
-    adapter_name: str = "default",
-) -> RankSuggestion:
-    """Replace adapter ``adapter_name`` of every weight by its best approximation at a smaller
-    rank: ``ranks`` (one for all, or per weight name), else :func:`suggest_ranks` with ``energy``
-    or ``budget``. The new adapters have scale 1 (``alpha = r``, or ``√r`` with rsLoRA), so
-    :func:`~lightning_lora.io.save_adapter` writes them with exact ``rank_pattern`` /
-    ``alpha_pattern`` entries; their forward equals ``W + ΔW_k``. Refused on a merged adapter."""
-    config = lora_config(model, adapter_name)
-    if ranks is None:
-        suggestion = suggest_ranks(model, energy if energy is not None else 0.9, budget, adapter_name)
-    else:
-        found = spectra(model, adapter_name)
-        wanted = {s.name: ranks for s in found} if isinstance(ranks, int) else dict(ranks)
-        unknown = sorted(set(wanted) - {s.name for s in found})
-        bad = {n: k for n, k in wanted.items() if isinstance(k, bool) or not isinstance(k, int) or k < 1}
-        if unknown or bad:
-            what = (
-                f"names weights adapter {adapter_name!r} does not adapt: {unknown[:3]}"
-                if unknown
-                else f"must be positive ints, got {bad}"
-            )
-            raise LoRAConfigError(f"resize_adapter(ranks=...) {what}.")
-        chosen = {s.name: min(wanted.get(s.name, s.r), s.r) for s in found}
-        suggestion = RankSuggestion(
-            ranks=chosen,
-            kept={s.name: s.kept(chosen[s.name]) for s in found},
-            params=sum(s.params(chosen[s.name]) for s in found),
-            params_before=sum(s.params(s.r) for s in found),
-            rule="given ranks",
-            spectra=found,
-        )
-    wanted = suggestion.ranks
-    targets = [t for t in adapted_weights(model) if adapter_name in t.layer.specs and t.name in wanted]
-    merged = [t.name for t in targets if adapter_name in t.layer.merged_adapters]
-    if merged:
-        raise LoRAStateError(f"adapter {adapter_name!r} is merged into {merged[0]!r}; unmerge_lora(model) first.")
-    for t in targets:
-        layer, spec = t.layer, t.layer.specs[adapter_name]
-        A_k, B_k, _ = truncate(*layer.update(adapter_name), wanted[t.name])
-        k = A_k.shape[0]
-        alpha = math.sqrt(k) if config.use_rslora else float(k)  # scale 1: B_k A_k is ΔW_k itself
-        new = AdapterSpec(r=k, alpha=alpha, dropout=spec.dropout, init=spec.init, use_rslora=config.use_rslora)
-        old_A, active = layer.lora_A[adapter_name], list(layer.active_adapters)
-        requires_grad = old_A.requires_grad
-        layer.delete_adapter(adapter_name)
-        layer.add_adapter(adapter_name, new, old_A.dtype, old_A.device)
-        with torch.no_grad():
-            layer.lora_A[adapter_name].copy_(A_k.reshape(layer.lora_A[adapter_name].shape))
-            layer.lora_B[adapter_name].copy_(B_k.reshape(layer.lora_B[adapter_name].shape))
-        layer.lora_A[adapter_name].requires_grad_(requires_grad)
-        layer.lora_B[adapter_name].requires_grad_(requires_grad)
-        layer.set_active(active)
-    return suggestion

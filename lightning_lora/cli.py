@@ -4,6 +4,8 @@
 
     lightning-lora inspect ADAPTER_DIR
     lightning-lora merge --base BASE --adapter ADAPTER_DIR --output OUT [--prefix PREFIX] [--force]
+    lightning-lora suggest ADAPTER_DIR [--energy 0.9 | --budget N]
+    lightning-lora resize ADAPTER_DIR --output OUT [--energy E | --budget N | --rank R] [--force]
 
 ``merge`` needs no model class: it adds ``ΔW = (alpha/r) · B A`` to the base tensors directly
 (:mod:`lightning_lora.export`). Exit status: 0 on success, 1 when a file is refused, 2 for a
@@ -26,11 +28,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .adapter_file import read_adapter
+from .advisor import suggest_ranks
 from .errors import LoRAError
 from .export import PROG, UsageError, as_adapter_dir, merge_files
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .preflight import holds_adapter
+from .resize import resize_adapter_file
 from .tables import natural_key, render_table, repeated_block
 from .untrusted import printable
+
+COMMANDS = ("inspect", "merge", "suggest", "resize")
 
 # ----------------------------------------------------------------------------------- inspect
 
@@ -92,7 +99,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         m = re.search(r"invalid choice: '([^']*)'", message)
         if m:
-            close = difflib.get_close_matches(m.group(1), ["inspect", "merge"], n=1)
+            close = difflib.get_close_matches(m.group(1), COMMANDS, n=1)
             message = f"'{m.group(1)}' is not a {PROG} command. See '{PROG} --help'."
             message += f"\n\nThe most similar command is\n\t{close[0]}" if close else ""
         self.print_usage(sys.stderr)
@@ -146,8 +153,50 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute (default: found from the keys)",
     )
     merge.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    parser.set_defaults(commands={"inspect": inspect, "merge": merge})
+    suggest = commands.add_parser(
+        "suggest",
+        help="suggest per-layer ranks from a trained adapter's ΔW spectra",
+        description="For each adapted weight: its rank, the effective rank of ΔW, and the smallest rank whose best "
+        "approximation keeps 90/95/99%% of ‖ΔW‖² (Eckart–Young), with the parameters each needs.",
+    )
+    suggest.add_argument("path", metavar="PATH", help="adapter directory")
+    _ranks_rule(suggest)
+    resize = commands.add_parser(
+        "resize",
+        help="write the adapter cut down to smaller ranks (best rank-k approximations)",
+        description="Replace each ΔW by its best approximation at the suggested (or given) rank and write a "
+        "normal adapter directory (PEFT's format, rank_pattern/alpha_pattern), recording the energy kept.",
+    )
+    resize.add_argument("path", metavar="PATH", help="adapter directory")
+    _ranks_rule(resize, rank=True)
+    resize.add_argument("--output", required=True, type=Path, metavar="OUT", help="the new adapter directory")
+    resize.add_argument("--force", action="store_true", help="replace OUT if it holds an adapter")
+    parser.set_defaults(commands={"inspect": inspect, "merge": merge, "suggest": suggest, "resize": resize})
     return parser
+
+
+def _ranks_rule(parser: argparse.ArgumentParser, rank: bool = False) -> None:
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument("--energy", type=float, default=None, help="share of ‖ΔW‖² to keep per weight (default 0.9)")
+    rule.add_argument("--budget", type=int, default=None, help="parameters in A/B at most, over all weights")
+    if rank:
+        rule.add_argument("--rank", type=int, default=None, help="one rank for every weight")
+
+
+def suggest_command(args: argparse.Namespace) -> str:
+    """The advisor's table for the adapter at ``args.path``."""
+    return suggest_ranks(as_adapter_dir(args.path), energy=args.energy or 0.9, budget=args.budget).table()
+
+
+def resize_command(args: argparse.Namespace) -> str:
+    """Write the cut-down adapter; refuses to replace the input, or an adapter, without --force."""
+    source, output = as_adapter_dir(args.path), args.output
+    if output.resolve() == source.resolve():
+        raise UsageError(f"--output {str(output)!r} is the adapter being resized; write the new one elsewhere.")
+    if holds_adapter(output) and not args.force:
+        raise UsageError(f"{str(output)!r} already holds an adapter; pass --force to replace it.")
+    suggestion = resize_adapter_file(source, output, ranks=args.rank, energy=args.energy, budget=args.budget)
+    return f"{suggestion.table()}\nwrote {output}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,8 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _terminate_cleanly():
             if args.command == "inspect":
                 print(inspect_adapter(args.path))
-            else:
+            elif args.command == "merge":
                 print(printable(merge_files(args.base, args.adapter, args.output, args.prefix, args.force)))
+            else:
+                run = suggest_command if args.command == "suggest" else resize_command
+                print("\n".join(printable(line) for line in run(args).splitlines()))  # names come from a file
     except UsageError as err:
         args.commands[args.command].print_usage(sys.stderr)
         print(f"{sub}: error: {printable(err)}", file=sys.stderr)

@@ -17,7 +17,8 @@ from lightning_lora import (
     spectra,
     suggest_ranks,
 )
-from lightning_lora.advisor import truncate
+from lightning_lora.cli import main
+from lightning_lora.resize import resize_adapter_file, truncate
 from lightning_lora.state import adapted_weights
 
 SIGMAS = {"a": [4.0, 2.0, 1.0, 0.5], "b": [3.0, 3.0, 0.1, 0.0]}
@@ -151,7 +152,34 @@ def test_resize_refuses_a_merged_adapter_and_changes_nothing():
 
 
 def test_resize_refuses_unknown_names_and_bad_ranks():
-    with pytest.raises(LoRAConfigError, match=r"does not adapt: \['c'\]"):
+    with pytest.raises(LoRAConfigError, match=r"names weights that are not adapted: \['c'\]"):
         resize_adapter(with_known_spectra(), ranks={"c": 1})
     with pytest.raises(LoRAConfigError, match="must be positive ints"):
         resize_adapter(with_known_spectra(), ranks={"a": 0})
+
+
+def test_a_file_resized_without_a_model_equals_the_model_resized(tmp_path):
+    model = with_known_spectra()
+    save_adapter(model, tmp_path / "full")
+    suggestion = resize_adapter_file(tmp_path / "full", tmp_path / "small", energy=0.95)
+    file = read_adapter(tmp_path / "small")
+    assert {n: file.rank(n) for n in file.pairs} == suggestion.ranks == {"a": 3, "b": 2}
+    assert file.extras["resized"]["energy_kept"] == pytest.approx(suggestion.kept)
+    in_memory = with_known_spectra()
+    resize_adapter(in_memory, energy=0.95)
+    from_file = Net()
+    load_adapter(from_file, tmp_path / "small")
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(from_file(x), in_memory(x), atol=1e-5, rtol=1e-5)
+
+
+def test_suggest_and_resize_from_the_command_line(tmp_path, capsys):
+    save_adapter(with_known_spectra(), tmp_path / "full")
+    assert main(["suggest", str(tmp_path / "full"), "--energy", "0.95"]) == 0
+    table = capsys.readouterr().out
+    assert "r@90%" in table and "95% of each ‖ΔW‖²: 98 parameters in A/B instead of 152" in table
+    assert main(["resize", str(tmp_path / "full"), "--rank", "1", "--output", str(tmp_path / "r1")]) == 0
+    assert {read_adapter(tmp_path / "r1").rank(n) for n in ("a", "b")} == {1}
+    assert main(["resize", str(tmp_path / "full"), "--rank", "1", "--output", str(tmp_path / "r1")]) == 2  # exists
+    assert main(["resize", str(tmp_path / "full"), "--rank", "1", "--output", str(tmp_path / "full")]) == 2
+    assert "already holds an adapter; pass --force" in capsys.readouterr().err
