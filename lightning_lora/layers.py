@@ -258,11 +258,11 @@ class LoRALinear(LoRAWrapper):
             return self.base_layer(x)
         if len(names) == 1 and fused.fast_path_wanted():
             name = names[0]
-            A, B, scale = self.update(name)
+            A, B = self.lora_A[name], self.lora_B[name]  # a Linear's are (r, d_in) and (d_out, r) as stored
             run = fused.fast_forward(self.base_layer, x, A, B)
             if run is not None:
                 x_adapter = self._adapter_input(x, name)  # x itself without dropout: read once
-                return run(x, A, B, scale, None if x_adapter is x else x_adapter)
+                return run(x, A, B, self.specs[name].scale, None if x_adapter is x else x_adapter)
         return self.reference_forward(x, names)
 
     def reference_forward(self, x: Tensor, names: list[str] | None = None) -> Tensor:

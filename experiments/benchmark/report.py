@@ -270,8 +270,8 @@ def qlora_tables(by: dict[str, dict]) -> list[str]:
             f"to the end: mean step {_fmt_s(fit.get('mean_step_s'))}; after fit the decoder's Linear layers are "
             f"{', '.join(fit.get('merged_linear_types', []))} (merged, bf16); merged logits vs the saved adapter "
             f"loaded onto a freshly quantized base: relative difference "
-            f"{_fmt(fit.get('merged_vs_4bit_adapter_logits_rel'), '.1e')} (the merged model holds W dequantized, "
-            "so this is the NF4 rounding the dense model no longer has, plus one bf16 rounding).",
+            f"{_fmt(fit.get('merged_vs_4bit_adapter_logits_rel'), '.1e')}: both hold the same dequantized W, so this is "
+            "the bf16 rounding of the merged weights, of the order of a bf16 merge of the dense model (above).",
         ]
     return lines
 
