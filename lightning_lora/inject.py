@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import adapter_names, set_adapter
+from .adapters import adapter_names, check_adapter_name, set_adapter
 from .config import LoRAConfig
 from .errors import LoRAStateError
 from .merge import merge_plan, merge_quantized, refuse_nonfinite, refuse_tied, unmerge_lora
@@ -65,18 +65,6 @@ def inject_lora(
     set_adapter(model, adapter_name)
     mark_only_lora_as_trainable(model, adapter_name, config.trainable_modules)
     return [t.name for t in adapted_weights(model) if adapter_name in t.layer.lora_A]
-
-
-def check_adapter_name(name: Any) -> None:
-    """An adapter name becomes a key of ``nn.ParameterDict`` and part of state-dict keys: it
-    must be a non-empty string without dots that is not an attribute of ``nn.ParameterDict``."""
-    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ParameterDict, name):
-        why = (
-            "it is an attribute of nn.ParameterDict, which holds the adapters"
-            if isinstance(name, str) and name and "." not in name
-            else "adapter names are non-empty strings without dots (they become state-dict keys)"
-        )
-        raise LoRAStateError(f"adapter_name={name!r} cannot be used: {why}. Choose another, e.g. 'task_a'.")
 
 
 def unload_lora(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn.Module:

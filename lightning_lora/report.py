@@ -140,6 +140,17 @@ class _Weights:
     def dtype(self) -> torch.dtype:
         return max(self.dtypes, key=lambda d: torch.finfo(d).eps)
 
+    def report(self, **outputs: float) -> MergeReport:
+        """The :class:`MergeReport` of these weights (and, for a model, its outputs)."""
+        return MergeReport(
+            dtype=str(self.dtype).removeprefix("torch."),
+            weights=self.count,
+            weight_max_abs_error=self.abs,
+            weight_max_ulps=self.ulps,
+            worst_weight=self.worst,
+            **outputs,
+        )
+
 
 def _tensors(output: Any) -> Iterator[Tensor]:
     """Every floating tensor in a model's output (a tensor, a tuple, a dict, a ModelOutput)."""
@@ -241,12 +252,7 @@ def merge_report(
                 _restore(saved)
     diff = float((after - before).abs().max()) if before.numel() else 0.0
     scale = float(before.abs().max()) if before.numel() else 0.0
-    return MergeReport(
-        dtype=str(weights.dtype).removeprefix("torch."),
-        weights=weights.count,
-        weight_max_abs_error=weights.abs,
-        weight_max_ulps=weights.ulps,
-        worst_weight=weights.worst,
+    return weights.report(
         output_max_abs_diff=diff,
         output_max_rel_diff=diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")),
         output_tolerance=dtype_tolerance(weights.dtype),
@@ -282,10 +288,4 @@ def file_merge_report(
 
         exact = merged_block(region(base[key]), [adapter.update(name)])
         weights.add(name, exact, region(merged[key]))
-    return MergeReport(
-        dtype=str(weights.dtype).removeprefix("torch."),
-        weights=weights.count,
-        weight_max_abs_error=weights.abs,
-        weight_max_ulps=weights.ulps,
-        worst_weight=weights.worst,
-    )
+    return weights.report()
