@@ -25,6 +25,7 @@ from .io import save_adapter
 from .layer_types import LoRAConv, LoRAConv1D, LoRAEmbedding
 from .layers import LoRALayer, LoRALinear, LoRAParametrization
 from .load import load_adapter
+from .loraplus import apply_loraplus
 from .merge import merge_lora, unmerge_lora
 from .params import lora_parameters, lora_state_dict, mark_only_lora_as_trainable
 from .report import merge_report
@@ -64,6 +65,7 @@ __all__ = [
     "active_adapters",
     "adapted_weights",
     "adapter_names",
+    "apply_loraplus",
     "combine_adapters",
     "delete_adapter",
     "disable_adapters",

@@ -32,6 +32,7 @@ from .config import LoRAConfig
 from .distributed import is_sharded, merge_gathered, save_adapter_gathered
 from .errors import LoRAConfigError, LoRAStateError
 from .inject import inject_lora, unload_lora
+from .loraplus import apply_loraplus, check_ratio
 from .names import CHECKPOINT_KEY
 from .optim import strip_frozen_parameters
 from .params import mark_only_lora_as_trainable
@@ -86,6 +87,9 @@ class LoRACallback(Callback):
             instead of the module's ``configure_optimizers``, over the trainable parameters only.
         lr_scheduler: with ``optimizer``, a factory ``optimizer -> LRScheduler``.
         scheduler_interval: when ``lr_scheduler`` steps: ``"step"`` or ``"epoch"``.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): ``B`` gets this many times the learning
+            rate of its param group, in a group of its own named ``<group>.lora_B``
+            (:func:`~lightning_lora.loraplus.apply_loraplus`); ``None``: plain LoRA.
         adapter_name: name of the adapter in the model and its files.
         full_checkpoints: keep the frozen base in Lightning checkpoints too. Off, a checkpoint
             holds the LoRA weights and ``trainable_modules`` (and optimizer, scheduler and loop
@@ -124,6 +128,7 @@ class LoRACallback(Callback):
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "step",
+        loraplus_lr_ratio: float | None = None,
         adapter_name: str = "default",
         full_checkpoints: bool = False,
         log_analysis: bool = False,
@@ -146,6 +151,8 @@ class LoRACallback(Callback):
             raise LoRAStateError("LoRACallback(lr_scheduler=...) needs optimizer=... as well.")
         if scheduler_interval not in ("step", "epoch"):
             raise LoRAStateError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}.")
+        if loraplus_lr_ratio is not None:
+            check_ratio(loraplus_lr_ratio)
         for name in callback_options():
             setattr(self, name, arguments[name])
         self.adapted: list[str] = []
@@ -180,6 +187,10 @@ class LoRACallback(Callback):
             self.replace_optimizers(trainer, pl_module)
         else:
             strip_frozen_parameters(trainer.optimizers, pl_module)
+            if self.loraplus_lr_ratio is not None:
+                schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+                for optimizer in trainer.optimizers:
+                    apply_loraplus(optimizer, pl_module, self.loraplus_lr_ratio, schedulers)
         self._adapter_dir = self.resolve_adapter_dir(trainer)  # a collective: now, not in on_exception
         again = self._saved_to == self._adapter_dir  # continuing this callback's own, unmerged adapter
         fit_saves.check_before_fit(trainer, pl_module, self._adapter_dir, self.adapter_name, self.overwrite or again)
@@ -290,6 +301,8 @@ class LoRACallback(Callback):
     def replace_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``optimizer(trainable parameters)`` (and its ``lr_scheduler``) instead of the module's."""
         optimizer = self.optimizer([p for p in pl_module.parameters() if p.requires_grad])
+        if self.loraplus_lr_ratio is not None:  # before the scheduler is built over its groups
+            apply_loraplus(optimizer, pl_module, self.loraplus_lr_ratio)
         if trainer.lr_scheduler_configs and self.lr_scheduler is None:
             rank_zero_warn(
                 "LoRACallback(optimizer=...) replaces the module's optimizers; the LR schedulers "

@@ -59,6 +59,7 @@ OPTION_OVERRIDES = {
     "optimizer": ("{_target_: torch.optim.SGD, _partial_: true, lr: 0.1}", None),
     "lr_scheduler": ("{_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 5}", None),
     "scheduler_interval": ("epoch", "epoch"),
+    "loraplus_lr_ratio": ("16", 16.0),
     "adapter_name": ("task_a", "task_a"),
     "full_checkpoints": ("true", True),
     "log_analysis": ("false", False),
