@@ -23,6 +23,10 @@ With dropout on the adapter's input, ``x_adapter = dropout(x)`` comes in as its 
 by the caller, exactly as the reference draws it): ``dA`` and the LoRA part of ``dx`` then use it,
 and autograd applies the dropout mask and adds the two ``dx`` parts.
 
+Under autocast (``precision="bf16-mixed"``) the inputs are cast once to autocast's dtype, as
+autocast would cast them for a linear, and the Function runs on the cast tensors
+(:func:`autocast_forward`).
+
 Under ``torch.compile`` the reference formula is used by default: Inductor fuses its element-wise
 work into neighbouring kernels itself, while an in-place ``addmm_`` would become an out-of-place
 ``addmm`` (a copy of ``y``). ``set_fast_path("always")`` forces the Function everywhere (to
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 from . import quantized
 
 FAST_PATH_MODES = ("auto", "always", "never")
+FastForward = Callable[[Tensor, Tensor, Tensor, float, "Tensor | None"], Tensor]
 _mode = "auto"
 
 
@@ -74,20 +79,49 @@ def fast_path_wanted() -> bool:
     return _mode == "always" or not torch.compiler.is_compiling()
 
 
-def fits(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
+def plain_frozen_linear(base: nn.Module) -> bool:
     """The fast path computes ``x Wᵀ + b`` itself, so the base must be a plain, frozen,
-    hook-free ``nn.Linear`` (a subclass or a wrapper such as FSDP's keeps its own forward), and
-    every tensor must share one dtype outside autocast."""
+    hook-free ``nn.Linear`` (a subclass or a wrapper such as FSDP's keeps its own forward)."""
     # A module's own hooks live in ``_forward_hooks`` / ``_forward_pre_hooks`` (torch 2.13); the
     # fast path would skip them, so a hooked base takes the reference path.
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return False
-    W, b = base.weight, base.bias
-    if W.requires_grad or (b is not None and b.requires_grad):
-        return False
-    if not (x.dtype == W.dtype == A.dtype == B.dtype):
+    return not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+
+
+def fits(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """A plain frozen ``nn.Linear``, every tensor in one dtype, outside autocast."""
+    if not plain_frozen_linear(base) or not (x.dtype == base.weight.dtype == A.dtype == B.dtype):
         return False
     return not torch.is_autocast_enabled(x.device.type)
+
+
+AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> torch.dtype | None:
+    """Under autocast, the dtype autocast would run this layer's GEMMs in (``None`` outside it,
+    or for tensors autocast leaves alone, float64 say: the reference path then runs)."""
+    if not torch.is_autocast_enabled(x.device.type) or not plain_frozen_linear(base):
+        return None
+    if any(t.dtype not in AUTOCAST_ELIGIBLE for t in (x, base.weight, A, B)):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
+def autocast_forward(base: nn.Linear, dtype: torch.dtype) -> FastForward:
+    """The fast path under autocast: cast ``x``, ``W``, ``b``, ``A`` and ``B`` to ``dtype`` once,
+    as autocast casts a linear's inputs (no-ops for tensors already in it), then run the
+    Function with autocast off. The casts of ``A``/``B`` are differentiable, so their gradients
+    reach the stored (e.g. fp32) adapters as under autocast's own casts."""
+
+    def run(x: Tensor, A: Tensor, B: Tensor, s: float, xa: Tensor | None) -> Tensor:
+        bias = None if base.bias is None else base.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            x_adapter = None if xa is None else xa.to(dtype)
+            return lora_linear(x.to(dtype), base.weight.to(dtype), bias, A.to(dtype), B.to(dtype), s, x_adapter)
+
+    return run
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -193,14 +227,14 @@ def fits_quantized(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
     return x.dtype == A.dtype == B.dtype and not torch.is_autocast_enabled(x.device.type)
 
 
-FastForward = Callable[[Tensor, Tensor, Tensor, float, "Tensor | None"], Tensor]
-
-
 def fast_forward(base: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> FastForward | None:
     """The fast path for this base and these tensors, as ``run(x, A, B, scale, x_adapter)``, or
     ``None`` when only the reference formula applies."""
     if fits(base, x, A, B):
         return lambda x, A, B, s, xa: lora_linear(x, base.weight, base.bias, A, B, s, xa)
+    dtype = autocast_dtype(base, x, A, B)
+    if dtype is not None:
+        return autocast_forward(base, dtype)
     if fits_quantized(base, x, A, B):
         return lambda x, A, B, s, xa: LoRALinearFunction.apply(x, None, None, A, B, s, xa, base)
     return None

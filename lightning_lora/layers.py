@@ -250,7 +250,7 @@ class LoRALinear(LoRAWrapper):
 
         One active adapter over a plain frozen ``nn.Linear`` or a frozen bitsandbytes 4/8-bit
         layer takes a fast path (:mod:`lightning_lora.fused`: the same math in fewer passes over
-        the activations); everything else (several adapters, mixed dtypes, autocast, a trainable
+        the activations); everything else (several adapters, mixed dtypes outside autocast, a trainable
         or hooked base layer, another ``Linear`` subclass) takes :meth:`reference_forward`.
         """
         names = self.unmerged_active()

@@ -169,12 +169,48 @@ def test_layers_the_fast_path_cannot_serve_take_the_reference_path(case):
     torch.testing.assert_close(y, layer.reference_forward(x))
 
 
-def test_autocast_takes_the_reference_path():
-    layer = adapted()
-    x = torch.randn(4, 24, requires_grad=True)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_autocast_takes_the_fast_path_and_matches_the_reference_under_autocast(dropout):
+    """bf16-mixed (autocast over fp32 weights and adapters): the fast path casts once, as
+    autocast casts a linear's inputs, and its gradients reach the fp32 A and B."""
+    layer = adapted(d_in=64, d_out=48, r=8, dropout=dropout).train()
+    x = torch.randn(4, 16, 64)
+
+    def under_autocast(run):
+        def go(m, x):
+            torch.manual_seed(3)  # the same dropout mask in both
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return run(m, x)
+
+        return go
+
+    y_fast, g_fast = outputs_and_grads(layer, x, under_autocast(lambda m, x: m(x)))
+    y_ref, g_ref = outputs_and_grads(layer, x, under_autocast(lambda m, x: m.reference_forward(x)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.requires_grad_())
+    assert uses_fast_path(y)
+    assert y_fast.dtype == y_ref.dtype == torch.bfloat16
+    assert g_fast[1].dtype == g_fast[2].dtype == torch.float32  # A.grad, B.grad as stored
+    for fast, ref in zip((y_fast, *g_fast), (y_ref, *g_ref), strict=True):
+        rel = (fast.float() - ref.float()).norm() / ref.float().norm()
+        assert rel < 1e-2, rel
+
+
+def test_autocast_runs_the_function_on_tensors_cast_once():
+    layer = adapted(d_in=64, d_out=48)
+    x = torch.randn(8, 64, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-        assert not uses_fast_path(y) and y.dtype == torch.bfloat16
+    assert uses_fast_path(y) and y.dtype == torch.bfloat16
+
+
+def test_autocast_leaves_float64_to_the_reference_path():
+    layer = adapted(dtype=torch.float64)
+    x = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert not uses_fast_path(y)
+    torch.testing.assert_close(y, layer.reference_forward(x))
 
 
 def test_fast_path_mode_never_and_restore():

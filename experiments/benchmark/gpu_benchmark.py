@@ -199,14 +199,17 @@ def make_trainable(setup: str, model):
     if setup == "full":
         model.requires_grad_(True)
         return model, list(model.parameters()), None
-    if setup in ("ours", "ours-fp32"):
+    if setup in ("ours", "ours-fp32", "ours-dora"):
         dtype = "float32" if setup == "ours-fp32" else None
-        inject_lora(model, r=R, alpha=ALPHA, target_modules=TARGETS, adapter_dtype=dtype)
-        return model, lora_parameters(model), None
-    if setup in ("peft-default", "peft-bf16"):
+        dora = {"use_dora": True} if setup == "ours-dora" else {}
+        inject_lora(model, r=R, alpha=ALPHA, target_modules=TARGETS, adapter_dtype=dtype, **dora)
+        return model, [p for p in model.parameters() if p.requires_grad], None
+    if setup in ("peft-default", "peft-bf16", "peft-dora"):
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0)
+        config = LoraConfig(
+            r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0, use_dora=setup == "peft-dora"
+        )
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=setup == "peft-default")
         return peft_model.get_base_model(), [p for p in peft_model.parameters() if p.requires_grad], peft_model
     raise ValueError(setup)
@@ -222,8 +225,18 @@ def optimizer_for(bench: Bench, params: list) -> torch.optim.Optimizer | None:
 
 
 def run_functional(
-    bench: Bench, name: str, setup: str, compiled: bool, mode: str, profile: bool, graphs: bool = False
+    bench: Bench,
+    name: str,
+    setup: str,
+    compiled: bool,
+    mode: str,
+    profile: bool,
+    graphs: bool = False,
+    group: str = "train",
+    autocast: bool = False,
 ) -> None:
+    """One configuration's steps; ``autocast``: each forward under ``torch.autocast`` in bf16
+    (what Lightning's ``precision="bf16-mixed"`` does), here over the bf16 model."""
     model = build_model(bench)
     causal_lm, params, _ = make_trainable(setup, model)
     optimizer = optimizer_for(bench, params)
@@ -235,8 +248,10 @@ def run_functional(
         loss_fn = compile_model(causal_lm, bench.args.backend, "reduce-overhead" if graphs else None)
 
     def step() -> None:
-        hidden = causal_lm.model(input_ids=bench.ids).last_hidden_state
-        loss_fn(hidden, causal_lm.lm_head.weight, bench.labels).backward()
+        with torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=autocast):
+            hidden = causal_lm.model(input_ids=bench.ids).last_hidden_state
+            loss = loss_fn(hidden, causal_lm.lm_head.weight, bench.labels)
+        loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -251,10 +266,10 @@ def run_functional(
         prof = profile_kernels(bench, step) if profile else None
     breaks = sum(counters["graph_break"].values()) if compiled else None
     bench.record(
-        group="train",
+        group=group,
         config=name,
         setup=setup,
-        via="functional",
+        via="functional" + (", bf16 autocast" if autocast else ""),
         compiled=compiled,
         cuda_graphs=graphs,
         fast_path=mode,
@@ -267,7 +282,7 @@ def run_functional(
     )
 
 
-def run_callback(bench: Bench, name: str, compiled: bool) -> None:
+def run_callback(bench: Bench, name: str, compiled: bool, precision: str | None = None, group: str = "train") -> None:
     """Ours through LoRACallback in a real Lightning Trainer (injection at setup, the module's
     optimizer stripped to the adapters at fit start), timed by a callback with CUDA events."""
     import lightning as L
@@ -344,14 +359,15 @@ def run_callback(bench: Bench, name: str, compiled: bool) -> None:
             limit_val_batches=0,
             callbacks=[lora, timer],
             default_root_dir=tmp,
+            **({"precision": precision} if precision else {}),
         )
         loader = DataLoader(SameBatch(), batch_size=None)
         trainer.fit(module, loader)
     bench.record(
-        group="train",
+        group=group,
         config=name,
         setup="ours",
-        via="callback",
+        via="callback" + (f", precision={precision}" if precision else ""),
         compiled=compiled,
         fast_path="auto",
         times=timer.times(),
@@ -495,6 +511,15 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
         ("floor compiled graphs", comp, lambda: run_functional(b, "floor compiled + CUDA graphs", "floor", True, "auto", False, True)),
         ("ours compiled graphs", comp, lambda: run_functional(b, "ours compiled + CUDA graphs", "ours", True, "auto", False, True)),
         ("ours-fp32 eager", eager, lambda: run_functional(b, "ours fp32 adapters eager", "ours-fp32", False, "auto", False)),
+        ("floor autocast", eager, lambda: run_functional(b, "floor bf16 autocast", "floor", False, "auto", False, group="autocast", autocast=True)),
+        ("ours autocast", eager, lambda: run_functional(b, "ours bf16 autocast", "ours", False, "auto", False, group="autocast", autocast=True)),
+        ("ours autocast reference", eager, lambda: run_functional(b, "ours bf16 autocast, reference path", "ours", False, "never", False, group="autocast", autocast=True)),
+        ("peft-bf16 autocast", eager, lambda: run_functional(b, "peft-bf16 bf16 autocast", "peft-bf16", False, "auto", False, group="autocast", autocast=True)),
+        ("ours callback bf16-mixed", eager + 10, lambda: run_callback(b, "ours callback bf16-mixed", False, "bf16-mixed", group="autocast")),
+        ("ours dora", eager, lambda: run_functional(b, "ours DoRA eager", "ours-dora", False, "auto", False, group="dora")),
+        ("peft dora", eager, lambda: run_functional(b, "peft DoRA eager", "peft-dora", False, "auto", False, group="dora")),
+        ("ours lora for dora", eager, lambda: run_functional(b, "ours LoRA eager (beside DoRA)", "ours", False, "auto", False, group="dora")),
+        ("peft lora for dora", eager, lambda: run_functional(b, "peft-bf16 LoRA eager (beside DoRA)", "peft-bf16", False, "auto", False, group="dora")),
         ("qlora floor", eager, lambda: qlora.run_qlora(b, "qlora floor", "floor", profile=True)),
         ("qlora ours", eager, lambda: qlora.run_qlora(b, "qlora ours", "ours", profile=True)),
         ("qlora peft", eager, lambda: qlora.run_qlora(b, "qlora peft", "peft")),

@@ -276,6 +276,28 @@ def qlora_tables(by: dict[str, dict]) -> list[str]:
     return lines
 
 
+def side_table(by: dict[str, dict], group: str, floor_name: str, reference_name: str) -> list[str]:
+    """The rows of ``group`` with their ratios to ``floor_name`` and to ``reference_name``."""
+    rows = [r for r in by.values() if r.get("group") == group and r.get("median_s")]
+    if not rows:
+        return []
+    floor, reference = by.get(floor_name), by.get(reference_name)
+    lines = [
+        f"| configuration | path | s/step (median) | IQR | × {floor_name} | × {reference_name} | peak GiB | × its peak | trainable |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = r.get("peak_gib")
+        peak_ratio = peak / reference["peak_gib"] if peak and reference and reference.get("peak_gib") else None
+        lines.append(
+            f"| {r['config']} | {r.get('via', '')}, fast path {r.get('fast_path', '')} | {_fmt_s(r['median_s'])} "
+            f"| {_fmt_s(r['q1_s'])}–{_fmt_s(r['q3_s'])} | {_fmt(_ratio(r, floor), '.3f', '×')} "
+            f"| {_fmt(_ratio(r, reference), '.3f', '×')} | {_fmt(peak, '.2f')} | {_fmt(peak_ratio, '.2f', '×')} "
+            f"| {r.get('trainable', 0):,} |"
+        )
+    return lines
+
+
 def multi_gpu_table(records: list[dict]) -> list[str]:
     multi = [r for r in records if r.get("group") == "multi"]
     if not multi:
@@ -340,6 +362,21 @@ def write_results(records: list[dict], info: dict, path: Path) -> None:
     profiles = profile_tables(by)
     if profiles:
         lines += ["## Where the time goes (torch.profiler)", "", *profiles]
+    autocast = side_table(by, "autocast", "floor bf16 autocast", "ours bf16 autocast, reference path")
+    if autocast:
+        lines += [
+            "## Under autocast (bf16-mixed)",
+            "",
+            "The same model and step with each forward under `torch.autocast(dtype=bfloat16)`, as "
+            'Lightning\'s `precision="bf16-mixed"` runs it; the reference path is how every release '
+            "before the autocast fast path ran.",
+            "",
+            *autocast,
+            "",
+        ]
+    dora = side_table(by, "dora", "ours LoRA eager (beside DoRA)", "ours LoRA eager (beside DoRA)")
+    if dora:
+        lines += ["## DoRA against LoRA, ours and PEFT's (eager, bf16)", "", *dora, ""]
     qlora = qlora_tables(by)
     if qlora:
         lines += ["## QLoRA: the decoder in 4 bits (NF4, double quantization, bf16 compute)", "", *qlora, ""]
