@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "suggest",
         help="suggest per-layer ranks from a trained adapter's ΔW spectra",
         description="For each adapted weight: its rank, the effective rank of ΔW, and the smallest rank whose best "
-        "approximation keeps 90/95/99%% of ‖ΔW‖² (Eckart–Young), with the parameters each needs.",
+        "approximation keeps 90/95/99% of ‖ΔW‖² (Eckart–Young), with the parameters each needs.",
     )
     suggest.add_argument("path", metavar="PATH", help="adapter directory")
     _ranks_rule(suggest)
