@@ -218,8 +218,9 @@ def test_unload_with_merge_gives_the_plain_model_peft_merge_and_unload_gives():
         close(output(ours, ids()), output(theirs.merge_and_unload(), ids()))
 
 
-def test_a_merge_file_without_a_model_equals_the_models_merge(tmp_path):
-    base, ours, _ = pair("bert")
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_merge_of_files_without_a_model_equals_the_models_merge(kind, tmp_path):
+    base, ours, _ = pair(kind)
     save_adapter(ours, tmp_path)
     merged = merge_into_state_dict(base.state_dict(), read_adapter(tmp_path))
     unload_lora(ours, merge=True)
@@ -425,6 +426,32 @@ def test_a_fit_with_the_callback_trains_m_saves_a_file_peft_loads_and_merges_at_
     with torch.no_grad():
         served = PeftModel.from_pretrained(fresh, tmp_path / "a").eval()
         close(served(input_ids=tokens).logits, module.language_model(input_ids=tokens).logits)
+
+
+def test_an_adapter_only_checkpoint_holds_the_magnitude_and_resuming_restores_it(tmp_path):
+    def fit(module: CausalLM, directory: str, **kwargs) -> L.Trainer:
+        callback = LoRACallback(r=4, target_modules=["q_proj"], use_dora=True, merge_on_fit_end=False,
+                                adapter_dir=str(tmp_path / directory))  # fmt: skip
+        trainer = L.Trainer(
+            max_steps=2, callbacks=[callback], default_root_dir=tmp_path, accelerator="cpu", logger=False,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )  # fmt: skip
+        tokens = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+        trainer.fit(module, torch.utils.data.DataLoader(tokens, batch_size=4), **kwargs)
+        return trainer
+
+    fit(CausalLM(), "a").save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    magnitudes = sorted(k for k in saved if ".lora_magnitude_vector." in k)
+    assert len(magnitudes) == 2 and not any(k.endswith("q_proj.base_layer.weight") for k in saved)  # adapter only
+    resumed = CausalLM()
+    initial = resumed.state_dict()
+    for key in magnitudes:  # trained away from ‖W‖, where a fresh injection starts
+        weight = initial[key.replace(".lora_magnitude_vector.default", ".weight")]
+        assert not torch.allclose(saved[key], weight.norm(dim=1))
+    fit(resumed, "b", ckpt_path=tmp_path / "last.ckpt")
+    state = resumed.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in magnitudes)
 
 
 def test_lora_use_dora_true_composes_and_reaches_the_callback():
