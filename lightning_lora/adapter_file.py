@@ -21,11 +21,11 @@ from torch import Tensor
 
 from .atomic import interrupted_save_hint, read_files
 from .config import ADAPTER_DTYPES, INITS, MHA_PROJECTIONS, AdapterSpec
-from .delta import Update, delta_weight
+from .delta import Update, delta_weight, dora_merged_block, merged_block
 from .errors import AdapterFileError
 from .names import FILE_PREFIX, parse_file_key, peft_mha_owner
 from .patterns import pattern_value
-from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MATH_KEYS, check_peft_config
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MATH_DEFAULTS, MATH_KEYS, check_peft_config
 from .peft_mha import METADATA_FIELD, from_peft
 from .untrusted import MAX_CONFIG_BYTES, parse_json, parse_safetensors, printable
 
@@ -127,7 +127,8 @@ class AdapterFile:
     ``pairs`` maps each adapted weight's name to ``(A, B)`` as stored (``(r, d_in)`` and
     ``(d_out, r)``; a conv's as kernels: :meth:`update` gives the matrices); ``trainable`` holds
     the trainable modules' tensors under the model's state-dict keys; ``embedding`` names the
-    weights keyed as PEFT keys an ``nn.Embedding`` (``lora_embedding_A``).
+    weights keyed as PEFT keys an ``nn.Embedding`` (``lora_embedding_A``); ``magnitudes`` holds a
+    DoRA adapter's ``m: (d_out,)`` per weight (empty without ``use_dora``).
     """
 
     path: Path
@@ -140,6 +141,8 @@ class AdapterFile:
     """``lora_alpha`` of weights read from PEFT's MHA layout (their names are not in the config)."""
     sizes: dict[str, int] = field(default_factory=dict)
     """Bytes of each file as read."""
+    magnitudes: dict[str, Tensor] = field(default_factory=dict)
+    """DoRA's ``lora_magnitude_vector`` of each weight, if the file sets ``use_dora``."""
 
     def rank(self, name: str) -> int:
         return int(self.pairs[name][0].shape[0])
@@ -171,6 +174,13 @@ class AdapterFile:
         """``ΔW = scale · B A`` of shape ``(d_out, d_in)``, in float32."""
         return delta_weight(*self.update(name))
 
+    def merged(self, name: str, block: Tensor) -> Tensor:
+        """Weight ``name``'s update merged into the base's ``(d_out, d_in)`` ``block``, in float32
+        (a new tensor): ``W + ΔW``, or DoRA's ``(m / ‖W + ΔW‖) ⊙ (W + ΔW)``, as a model merges it."""
+        if name in self.magnitudes:
+            return dora_merged_block(block, self.update(name), self.magnitudes[name])[0]
+        return merged_block(block, [self.update(name)])
+
     def delta_norm(self, name: str) -> float:
         """``‖ΔW‖_F`` without forming ΔW: ``‖s·BA‖²_F = s² · Σ (BᵀB) ⊙ (AAᵀ)``, two ``r × r``
         products in float64."""
@@ -187,7 +197,11 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     file = path / ADAPTER_WEIGHTS
     saved = extras.get("config")
     if saved is not None:
-        differ = [k for k in MATH_KEYS if saved.get(k) != config.get(k, saved.get(k))]
+        differ = [
+            k
+            for k in MATH_KEYS
+            if saved.get(k, MATH_DEFAULTS.get(k)) != config.get(k, saved.get(k, MATH_DEFAULTS.get(k)))
+        ]
         if differ:
             k = differ[0]
             raise AdapterFileError(
@@ -196,6 +210,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
                 f"save, or files copied from two adapters). Save the adapter again."
             )
     halves: dict[str, dict[str, Tensor]] = {}
+    magnitudes: dict[str, Tensor] = {}
     trainable: dict[str, Tensor] = {}
     embedding: set[str] = set()
     declared = list(config.get("modules_to_save") or [])
@@ -203,14 +218,17 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         if len(key) > MAX_KEY_LENGTH or not key.isprintable():
             raise AdapterFileError(f"{file} holds a tensor named {printable(key[:80])!r}..., not a module's name.")
         parsed = parse_file_key(key)
-        if parsed:
+        if parsed and parsed.part == "m":
+            magnitudes[parsed.name] = tensor
+        elif parsed:
             halves.setdefault(parsed.name, {})[f"lora_{parsed.part}"] = tensor
             if parsed.embedding:
                 embedding.add(parsed.name)
         elif re.search(r"\.lora_\w+", key):
             raise AdapterFileError(
                 f"{file} holds {key!r}, a LoRA tensor of a kind lightning-lora does not implement "
-                f"(it loads lora_A/lora_B and lora_embedding_A/lora_embedding_B pairs)."
+                f"(it loads lora_A/lora_B and lora_embedding_A/lora_embedding_B pairs, and DoRA's "
+                f"lora_magnitude_vector)."
             )
         elif key.startswith(FILE_PREFIX) and _declared(key.removeprefix(FILE_PREFIX), declared):
             trainable[key.removeprefix(FILE_PREFIX)] = tensor
@@ -264,6 +282,39 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
                 f"(PEFT's layout); lightning-lora does not implement other kernels for B."
             )
         pairs[name] = (A, B)
+    _check_magnitudes(magnitudes, pairs, config.get("use_dora") is True, mha, file)
     layouts = extras.get(METADATA_FIELD) if "version" in extras else None  # None: a file PEFT wrote
     pairs, alphas = from_peft(pairs, alpha_of, rank_of, layouts, file, config.get("peft_version"))
-    return AdapterFile(path, config, pairs, trainable, extras, frozenset(embedding), alphas, sizes)
+    return AdapterFile(path, config, pairs, trainable, extras, frozenset(embedding), alphas, sizes, magnitudes)
+
+
+def _check_magnitudes(
+    magnitudes: dict[str, Tensor], pairs: dict[str, tuple[Tensor, Tensor]], dora: bool, mha: set[str], file: Path
+) -> None:
+    """A DoRA file (``use_dora: true``) has one magnitude ``(d_out,)`` per weight, and only then."""
+    if not dora:
+        if magnitudes:
+            raise AdapterFileError(
+                f"{file} holds DoRA magnitudes ({next(iter(magnitudes))}.lora_magnitude_vector) but its "
+                f"{ADAPTER_CONFIG} does not set use_dora: true; the files do not belong together."
+            )
+        return
+    if mha:
+        raise AdapterFileError(
+            f"{file} is a DoRA adapter of nn.MultiheadAttention {sorted(mha)[0]!r}; lightning-lora implements DoRA "
+            f"for nn.Linear and transformers' Conv1D only (PEFT refuses DoRA on nn.MultiheadAttention too)."
+        )
+    for name, (_, B) in pairs.items():
+        m = magnitudes.get(name)
+        if m is None:
+            raise AdapterFileError(
+                f"{file} sets use_dora: true but has no lora_magnitude_vector for {name!r}; the file is incomplete."
+            )
+        if tuple(m.shape) != (B.shape[0],):
+            raise AdapterFileError(
+                f"{file} has lora_magnitude_vector {tuple(m.shape)} for {name!r}, whose lora_B {tuple(B.shape)} "
+                f"needs ({B.shape[0]},); the file is damaged."
+            )
+    extra = sorted(set(magnitudes) - set(pairs))
+    if extra:
+        raise AdapterFileError(f"{file} has a lora_magnitude_vector for {extra[0]!r} but no lora_A/lora_B for it.")

@@ -63,7 +63,10 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     missing = [n for n in names if n not in present]
     if missing:
         raise LoRAStateError(f"no adapter named {missing} in the model; adapters: {present}")
-    for target in adapted_weights(model):
+    targets = list(adapted_weights(model))
+    for target in targets:  # every layer agrees before any changes (DoRA adapters run alone)
+        target.layer.check_active([n for n in names if n in target.layer.lora_A])
+    for target in targets:
         target.layer.set_active([n for n in names if n in target.layer.lora_A])
 
 
@@ -174,6 +177,12 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], adapter_nam
             f"or delete_adapter(model, {adapter_name!r}) first."
         )
     targets = [t for t in adapted_weights(model) if any(n in t.layer.lora_A for n in weights)]
+    dora = next((n for t in targets for n in weights if n in t.layer.lora_magnitude_vector), None)
+    if dora is not None:
+        raise LoRAStateError(
+            f"cannot combine adapter {dora!r}: it is a DoRA adapter, whose update rescales the rows of W + ΔW, so it "
+            f"is not a sum of low-rank ΔW that concatenated ranks could hold. Combine plain LoRA adapters only."
+        )
     ranks: dict[str, int] = {}
     dtypes: set[torch.dtype] = set()
     follows_base = True

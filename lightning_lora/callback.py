@@ -72,6 +72,7 @@ class LoRACallback(Callback):
         adapter_dtype: dtype of ``A`` and ``B``; ``None`` follows the base weight.
         rank_pattern: per-weight ranks, ``{name or pattern: r}`` (PEFT's rule; ``None``: none).
         alpha_pattern: per-weight ``alpha``, matched as ``rank_pattern`` (``None``: none).
+        use_dora: DoRA: also train a magnitude per output feature (``nn.Linear``/``Conv1D`` only).
         merge_on_fit_end: merge ``ΔW`` into ``W`` and remove the LoRA layers once ``fit`` ends.
         adapter_dir: where ``fit`` saves the adapter; ``None``: ``<trainer.log_dir>/lora_adapter``
             (``default_root_dir`` without a logger). Checked at fit start: writable, and holding
@@ -121,6 +122,7 @@ class LoRACallback(Callback):
         adapter_dtype: str | None = LoRAConfig.adapter_dtype,
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
+        use_dora: bool = LoRAConfig.use_dora,
         merge_on_fit_end: bool = True,
         adapter_dir: str | None = None,
         adapter_root: str | None = AUTO,

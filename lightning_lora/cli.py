@@ -50,16 +50,18 @@ def inspect_adapter(path: str | os.PathLike) -> str:
     made_by = f"lightning-lora {extras['version']}" if "version" in extras else "PEFT (or another writer)"
     scale = "alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r"
     lora_params = sum(a.numel() + b.numel() for a, b in adapter.pairs.values())
+    lora_params += sum(m.numel() for m in adapter.magnitudes.values())
     head_params = sum(t.numel() for t in adapter.trainable.values())
     lines = [
         f"adapter     {adapter.path}  (written by {made_by})",
         f"config      r={config['r']}  lora_alpha={config['lora_alpha']}  scale={scale}  "
+        f"use_dora={config.get('use_dora') is True}  "
         f"dropout={config.get('lora_dropout') or 0.0}  rank_pattern={config.get('rank_pattern') or {}}  "
         f"alpha_pattern={config.get('alpha_pattern') or {}}",
         f"targets     {_grouped(config.get('target_modules') or [])}",
         f"trainable   {config.get('modules_to_save') or []}",
-        f"parameters  {lora_params:,} in A/B over {len(adapter.pairs)} weights"
-        + (f" + {head_params:,} in trainable modules" if head_params else ""),
+        f"parameters  {lora_params:,} in A/B{' and DoRA magnitudes' if adapter.magnitudes else ''} over "
+        f"{len(adapter.pairs)} weights" + (f" + {head_params:,} in trainable modules" if head_params else ""),
         "bytes       " + ", ".join(f"{n} {adapter.sizes[n]:,}" for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)),
         "",
     ]
@@ -71,7 +73,7 @@ def inspect_adapter(path: str | os.PathLike) -> str:
                 "×".join(str(n) for n in (B.shape[0], *A.shape[1:])),  # ΔW's shape; a conv's is its kernel's
                 str(A.shape[0]),
                 f"{adapter.scaling(name):g}",
-                f"{A.numel() + B.numel():,}",
+                f"{A.numel() + B.numel() + (adapter.magnitudes[name].numel() if name in adapter.magnitudes else 0):,}",
                 str(A.dtype).removeprefix("torch."),
                 f"{adapter.delta_norm(name):.6g}",
             )

@@ -44,6 +44,7 @@ class AdapterSpec:
     dropout: float = 0.0
     init: str = "zeros_b"
     use_rslora: bool = False
+    use_dora: bool = False
 
     @property
     def scale(self) -> float:
@@ -115,6 +116,14 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-weight ``alpha`` (PEFT's ``alpha_pattern``), matched as ``rank_pattern``."""
 
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024): each adapted weight also trains a magnitude
+    ``m`` of shape ``(d_out,)``, initialised to the row norms ``‖W + s·B A‖``, and computes with
+    ``W' = (m / ‖W + s·B A‖) ⊙ (W + s·B A)``, the norm taken as a constant (no gradient, the
+    paper's §4.3): the direction is learned by ``A``/``B``, the size of each output feature by
+    ``m``. PEFT's ``use_dora``, with the same math and files. ``nn.Linear`` and transformers'
+    ``Conv1D`` only, on the reference path (not the fused one); refused by name elsewhere."""
+
     def __post_init__(self) -> None:
         self.r = _positive_int("r", self.r, "the rank of A and B, e.g. r=8")
         self.alpha = _positive_number("alpha", self.alpha, "the scale numerator, e.g. alpha=16")
@@ -126,6 +135,8 @@ class LoRAConfig:
         self.mha_projections = _projections(self.mha_projections)
         if not isinstance(self.use_rslora, bool):
             raise LoRAConfigError(f"LoRAConfig.use_rslora must be true or false, got {self.use_rslora!r}.")
+        if not isinstance(self.use_dora, bool):
+            raise LoRAConfigError(f"LoRAConfig.use_dora must be true or false, got {self.use_dora!r}.")
         if self.adapter_dtype is not None:
             self.adapter_dtype = _choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         self.rank_pattern = _pattern(
@@ -143,14 +154,14 @@ class LoRAConfig:
     @property
     def spec(self) -> AdapterSpec:
         """The per-layer hyper-parameters this config gives a weight no pattern names."""
-        return AdapterSpec(self.r, self.alpha, self.dropout, self.init, self.use_rslora)
+        return AdapterSpec(self.r, self.alpha, self.dropout, self.init, self.use_rslora, self.use_dora)
 
     def spec_for(self, weight: str, module: str | None = None) -> AdapterSpec:
         """The hyper-parameters of adapted weight ``weight`` (of module ``module``, whose name
         patterns match; default: ``weight``): ``r`` and ``alpha`` from the patterns, if one names it."""
         r = _lookup(self.rank_pattern, "rank_pattern", weight, module, self.r)
         alpha = _lookup(self.alpha_pattern, "alpha_pattern", weight, module, self.alpha)
-        return AdapterSpec(int(r), float(alpha), self.dropout, self.init, self.use_rslora)
+        return AdapterSpec(int(r), float(alpha), self.dropout, self.init, self.use_rslora, self.use_dora)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (lists, not tuples), e.g. for loggers and adapter files."""

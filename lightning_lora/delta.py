@@ -1,7 +1,8 @@
 """ΔW and the merge, as pure functions over tensors: the one home of the update's arithmetic.
 
 ``ΔW = scale · B A`` with ``A: (r, d_in)``, ``B: (d_out, r)``; a merge writes ``W + Σ ΔW``
-formed in float32 and cast once. Every merge goes through :func:`merged_block`: a model's
+formed in float32 and cast once. A DoRA adapter (magnitude ``m: (d_out,)``) merges as
+``(m / ‖W + ΔW‖) ⊙ (W + ΔW)``, row by row (:func:`dora_merged_block`). Every merge goes through :func:`merged_block`: a model's
 layers (:mod:`lightning_lora.layers`), adapter files merged into checkpoints
 (:mod:`lightning_lora.export`) and the merge report. A host weight of any layer type is seen as
 the ``(d_out, d_in)`` matrix the update adds to (:func:`matrix_view`).
@@ -60,6 +61,34 @@ def merged_block(block: Tensor, updates: Iterable[Update], sign: float = 1.0) ->
     for A, B, scale in updates:  # one GEMM per adapter, in place: out += sign · s · (B A)
         out.addmm_(B.float(), A.float(), alpha=sign * scale)
     return out
+
+
+@torch.no_grad()
+def weight_norm(block: Tensor, update: Update) -> Tensor:
+    """DoRA's ``‖W + s·B A‖`` of every row of the ``(d_out, d_in)`` ``block``: ``(d_out,)`` in
+    float32, never part of a graph (the paper's §4.3 treats it as a constant). The sum is a
+    temporary freed on return: nothing of the weight's size outlives the call."""
+    return torch.linalg.vector_norm(merged_block(block, [update]), dim=1)
+
+
+@torch.no_grad()
+def dora_merged_block(block: Tensor, update: Update, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+    """DoRA's merge ``(m / ‖W + s·B A‖) ⊙ (W + s·B A)`` of the ``(d_out, d_in)`` ``block`` in
+    float32 (a new tensor), and the row norms used, which :func:`dora_unmerged_block` needs."""
+    out = merged_block(block, [update])
+    norm = torch.linalg.vector_norm(out, dim=1)
+    out.mul_((magnitude.float() / norm).unsqueeze(1))
+    return out, norm
+
+
+@torch.no_grad()
+def dora_unmerged_block(block: Tensor, update: Update, magnitude: Tensor, norm: Tensor) -> Tensor:
+    """Inverse of :func:`dora_merged_block` given the norms it used: ``W' / (m / n) − s·B A``, in
+    float32 (the norms cannot be recomputed from ``W'``, so the merge keeps them, as PEFT does)."""
+    factor = magnitude.float() / norm.to(magnitude.device)  # the norms stay where the merge left them
+    out = block.float() / factor.unsqueeze(1)
+    A, B, scale = update
+    return out.addmm_(B.float(), A.float(), alpha=-scale)
 
 
 def matrix_view(weight: Tensor, transposed: bool = False) -> Tensor:

@@ -1,6 +1,7 @@
 """Merging an adapter file into a base checkpoint file, with no model class at hand.
 
-``ΔW = (alpha/r) · B A`` is added to the base tensors directly, key by key
+``ΔW = (alpha/r) · B A`` is added to the base tensors directly (a DoRA adapter's rows rescaled to
+its magnitudes: :meth:`~lightning_lora.adapter_file.AdapterFile.merged`), key by key
 (``base_model.model.<module>.lora_A.weight`` → ``<prefix><module>.weight``; a block
 ``<mha>.in_proj_weight[q]`` of a fused attention projection → rows ``0:E`` of
 ``<prefix><mha>.in_proj_weight``: :mod:`lightning_lora.names`), with the same fp32 merge as a
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .adapter_file import AdapterFile, read_adapter
 from .atomic import atomic_write
-from .delta import first_nonfinite, from_matrix, matrix_view, merged_block, with_block
+from .delta import first_nonfinite, from_matrix, matrix_view, with_block
 from .errors import AdapterFileError
 from .names import CHECKPOINT_KEY, block_rows, parse_weight_name
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -77,7 +78,7 @@ def merge_into_state_dict(
                 f"{f', stored transposed as {expected}' if flip else ''}, but {key!r} in the base "
                 f"{'has rows of' if rows is not None else 'has'} shape {found}; the adapter was trained on another base model."
             )
-        new_region = merged_block(region, [adapter.update(name)]).to(weight.dtype)
+        new_region = adapter.merged(name, region).to(weight.dtype)
         if first_nonfinite([new_region]) is not None:
             raise AdapterFileError(
                 f"merging {name!r} into {key!r} gives NaN or Inf in {weight.dtype}; nothing was written. "

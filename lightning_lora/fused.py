@@ -2,7 +2,7 @@
 linear and its low-rank update together, in as few passes over the activations as cuBLAS allows.
 
 The math is the reference formula (``layers.LoRALinear.reference_forward``); only the order of the
-work changes. With ``x: (N, d_in)``, ``W: (d_out, d_in)``, ``A: (r, d_in)``, ``B: (d_out, r)`` and
+work changes. It is plain LoRA's: a DoRA adapter (``use_dora``) always takes the reference path. With ``x: (N, d_in)``, ``W: (d_out, d_in)``, ``A: (r, d_in)``, ``B: (d_out, r)`` and
 ``s = alpha / r``::
 
     forward   a  = x Aᵀ                  (N, r)      the only extra read of x

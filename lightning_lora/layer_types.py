@@ -12,7 +12,8 @@
 
 Each class says, in :meth:`refusal`, which modules of its type it cannot adapt exactly (a
 grouped conv, an embedding with ``max_norm``, a subclass with its own ``forward``): they are
-refused by name before anything changes (:mod:`lightning_lora.targets`).
+refused by name before anything changes (:mod:`lightning_lora.targets`). DoRA (``use_dora``)
+runs on ``nn.Linear`` and ``Conv1D`` only; :attr:`LayerType.dora_refusal` says why not elsewhere.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import quantized
 from .delta import init_lora_
 from .layers import LoRALinear, LoRAWrapper
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+"""Parents that read their Linear children's ``.weight`` directly instead of calling them:
+MultiheadAttention (``out_proj``) and TransformerEncoderLayer's inference fast path (``linear1``,
+``linear2``). Their Linears are adapted through a weight parametrization, never a wrapper."""
 
 
 def _own_forward(module: nn.Module, base: type[nn.Module]) -> str | None:
@@ -212,26 +219,66 @@ class LoRAEmbedding(_ReadsThrough, LoRAWrapper):
         return y
 
 
+def _linear_dora_refusal(module: nn.Module) -> str | None:
+    """Why DoRA cannot run on this ``nn.Linear`` (subclass), if it cannot: DoRA reads ``W`` (its
+    row norms, and ``x Wᵀ = base(x) − b``), which a packed weight or a forward of its own hides."""
+    if quantized.is_quantized(module):
+        return (
+            f"its weight is quantized ({type(module).__name__}); DoRA needs the row norms of the dequantized "
+            f"W + s·B A at every step, which lightning-lora does not implement for 4/8-bit bases"
+        )
+    if type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} has a forward of its own, so base(x) − b need not be x Wᵀ, which DoRA rescales"
+    return None
+
+
+def _not_implemented(what: str) -> Callable[[nn.Module], str]:
+    return lambda module: f"DoRA is implemented for nn.Linear and transformers' Conv1D only, not for {what}"
+
+
 @dataclass(frozen=True)
 class LayerType:
     """A type of layer LoRA adapts: how to recognise it, the wrapper that adapts it (``None``:
     ``nn.MultiheadAttention``, whose weights get a parametrization instead, see
     :mod:`lightning_lora.surgery`), whether ``"all-linear"`` includes it, and which modules of
-    the type are refused (a reason, or ``None``)."""
+    the type are refused (a reason, or ``None``), and which with ``use_dora``."""
 
     label: str
     matches: Callable[[nn.Module], bool]
     wrapper: type[LoRAWrapper] | None
     all_linear: bool
     refusal: Callable[[nn.Module], str | None] = lambda module: None
+    dora_refusal: Callable[[nn.Module], str | None] = lambda module: None
 
 
 LAYER_TYPES = (
-    LayerType("nn.Linear (and its subclasses)", lambda m: isinstance(m, nn.Linear), LoRALinear, True),
+    LayerType(
+        "nn.Linear (and its subclasses)",
+        lambda m: isinstance(m, nn.Linear),
+        LoRALinear,
+        True,
+        dora_refusal=_linear_dora_refusal,
+    ),
     LayerType("transformers Conv1D", LoRAConv1D.matches, LoRAConv1D, True),
-    LayerType("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), None, True),
-    LayerType("nn.Conv1d/2d/3d", LoRAConv.matches, LoRAConv, False, LoRAConv.refusal),
-    LayerType("nn.Embedding", LoRAEmbedding.matches, LoRAEmbedding, False, LoRAEmbedding.refusal),
+    LayerType(
+        "nn.MultiheadAttention",
+        lambda m: isinstance(m, nn.MultiheadAttention),
+        None,
+        True,
+        dora_refusal=lambda m: (
+            "its adapters act on its weight tensors through a parametrization, where DoRA is not implemented "
+            "(PEFT refuses DoRA on nn.MultiheadAttention too)"
+        ),
+    ),
+    LayerType("nn.Conv1d/2d/3d", LoRAConv.matches, LoRAConv, False, LoRAConv.refusal, _not_implemented("convs")),
+    LayerType(
+        "nn.Embedding",
+        LoRAEmbedding.matches,
+        LoRAEmbedding,
+        False,
+        LoRAEmbedding.refusal,
+        _not_implemented("embeddings"),
+    ),
 )
 """Every layer type LoRA adapts, in one place. ``"all-linear"`` follows PEFT: linear layers
 (transformers' ``Conv1D`` included, GPT-2's projections), never conv or embedding layers."""

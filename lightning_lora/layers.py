@@ -23,6 +23,14 @@ Two carriers share one parameter bank (:class:`LoRALayer`):
   inference fast path never calls its ``forward``), so an update that lived in a wrapped
   ``forward`` would be skipped silently.
 
+DoRA (Liu et al. 2024, weight-decomposed LoRA; ``use_dora``) adds a trainable magnitude
+``m: (d_out,)`` per adapter and rescales each output feature of the adapted weight to it::
+
+    W' = (m / ‖W + s·B A‖) ⊙ (W + s·B A)        ‖·‖ per row, a constant (no gradient, §4.3)
+    y  = x W'ᵀ + b = base(x) + (g − 1) ⊙ x Wᵀ + g ⊙ s · x Aᵀ Bᵀ,    g = m / ‖W + s·B A‖
+
+(:meth:`LoRALinear.dora_output`; PEFT's ``DoraLinearLayer``, exactly).
+
 A layer holds any number of named adapters; ``active_adapters`` says which ones its forward adds.
 ``LoRALinear.forward`` runs one adapter over a plain frozen ``nn.Linear`` through the fast path
 in :mod:`lightning_lora.fused` (same math, fewer passes over the activations) and everything else
@@ -38,17 +46,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused
+from . import fused, quantized
 from .config import AdapterSpec
-from .delta import Update, delta_weight, from_matrix, init_lora_, matrix_view, merged_block, with_block
+from .delta import (
+    Update,
+    delta_weight,
+    dora_merged_block,
+    dora_unmerged_block,
+    from_matrix,
+    init_lora_,
+    matrix_view,
+    merged_block,
+    weight_norm,
+    with_block,
+)
 from .errors import LoRAStateError
 
 
 class LoRALayer(nn.Module):
     """The trainable part of LoRA for one frozen weight (or a block of its rows).
 
-    Holds, per adapter name, ``lora_A[name]: (r, d_in)``, ``lora_B[name]: (d_out, r)`` and its
-    :class:`~lightning_lora.config.AdapterSpec` (rank, alpha, dropout, init) in ``specs``.
+    Holds, per adapter name, ``lora_A[name]: (r, d_in)``, ``lora_B[name]: (d_out, r)``, for a
+    DoRA adapter ``lora_magnitude_vector[name]: (d_out,)`` (PEFT's names), and its
+    :class:`~lightning_lora.config.AdapterSpec` (rank, alpha, dropout, init, ...) in ``specs``;
+    :meth:`adapter_parameters` lists an adapter's tensors, for everything that enumerates them.
     Subclasses decide where the update is applied. ``rows`` selects a block of rows of the host
     weight (q, k or v of a fused projection); ``None`` means the whole weight.
 
@@ -65,11 +86,16 @@ class LoRALayer(nn.Module):
     """Whether adapter files key this layer's tensors ``lora_embedding_A`` / ``_B`` (PEFT's keys
     for ``nn.Embedding``) instead of ``lora_A.weight`` / ``lora_B.weight``."""
 
+    supports_dora: ClassVar[bool] = False
+    """Whether this layer computes DoRA adapters (:class:`LoRALinear` does)."""
+
     def __init__(self, d_out: int, d_in: int, rows: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.d_out, self.d_in, self.rows = d_out, d_in, rows
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
+        self.merge_norms: dict[str, Tensor] = {}  # ‖W + s·B A‖ of each merged DoRA adapter, to unmerge it
         self.specs: dict[str, AdapterSpec] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -99,9 +125,13 @@ class LoRALayer(nn.Module):
         """Create adapter ``name`` with ``spec`` (not yet active: see :meth:`set_active`)."""
         if name in self.lora_A:
             raise LoRAStateError(f"this layer already has an adapter named {name!r}")
+        if spec.use_dora and not self.supports_dora:  # injection refuses these first, naming the module
+            raise LoRAStateError(f"{type(self).__name__} does not implement DoRA (use_dora=True)")
         a_shape, b_shape = self.adapter_shapes(spec.r)
         self.lora_A[name] = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
         self.lora_B[name] = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=device))
+        if spec.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.empty(self.d_out, dtype=dtype, device=device))
         self.specs[name] = spec
         if self.lora_A[name].device.type != "meta":  # meta tensors are initialised by reset_parameters later
             self.init_adapter(name)
@@ -118,15 +148,43 @@ class LoRALayer(nn.Module):
         if name in self.merged_adapters:
             raise LoRAStateError(f"adapter {name!r} is merged; unmerge it before deleting it")
         del self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         del self.specs[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def set_active(self, names: Iterable[str]) -> None:
         names = list(names)
+        self.check_active(names)
+        self.active_adapters = names
+
+    def check_active(self, names: list[str]) -> None:
+        """Refuse names this layer lacks, and a DoRA adapter together with another one: DoRA
+        rescales the whole weight, so its update does not add to another's (PEFT rescales the
+        previous adapter's output too, in activation order); nothing is set."""
         missing = [n for n in names if n not in self.lora_A]
         if missing:
             raise LoRAStateError(f"no adapter named {missing}; this layer has {self.adapter_names}")
-        self.active_adapters = names
+        dora = [n for n in names if self.specs[n].use_dora]
+        if dora and len(names) > 1:
+            raise LoRAStateError(
+                f"DoRA adapter {dora[0]!r} cannot be active together with {[n for n in names if n != dora[0]]}: "
+                f"DoRA rescales each row of W + ΔW, so the updates of several adapters do not add. Activate one "
+                f"at a time (set_adapter(model, {dora[0]!r})), or merge one into the weights first."
+            )
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter ``name``'s trainable tensors by part (:data:`~lightning_lora.names.PARTS`):
+        ``"A"``, ``"B"`` and, for DoRA, the magnitude ``"m"``. The one list of what an adapter
+        holds: training, checkpoints, files and counts all read it."""
+        params = {"A": self.lora_A[name], "B": self.lora_B[name]}
+        if name in self.lora_magnitude_vector:
+            params["m"] = self.lora_magnitude_vector[name]
+        return params
+
+    def magnitude(self, name: str) -> Tensor | None:
+        """DoRA's magnitude ``m: (d_out,)`` of adapter ``name``; ``None`` for a plain LoRA adapter."""
+        return self.lora_magnitude_vector.get(name)
 
     def reset_parameters(self) -> None:
         """Re-draw every adapter as at creation: lets FSDP materialise meta-device adapters."""
@@ -162,28 +220,53 @@ class LoRALayer(nn.Module):
         else:
             self.region(weight).copy_(block)
 
-    def merged_region(self, weight: Tensor, names: Iterable[str], sign: float = 1.0) -> Tensor:
-        """``region(W) ± Σ ΔW`` in float32, without writing (see :func:`merged_block`)."""
-        return merged_block(self.region(weight), [self.update(n) for n in names], sign)
+    def merged_region(self, weight: Tensor, names: Iterable[str]) -> Tensor:
+        """``region(W) + Σ ΔW`` in float32, without writing (see :func:`merged_block`); for a DoRA
+        adapter, which merges alone, ``(m / ‖W + ΔW‖) ⊙ (W + ΔW)`` (:func:`dora_merged_block`)."""
+        return self._merged(weight, list(names))[0]
+
+    def _merged(self, weight: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The merged region in float32, and the norms of the DoRA adapter merged (if one)."""
+        dora = [n for n in names if self.specs[n].use_dora]
+        if not dora:
+            return merged_block(self.region(weight), [self.update(n) for n in names]), {}
+        if len(names) > 1:  # merge_plan refuses this before anything is written
+            raise LoRAStateError(f"DoRA adapter {dora[0]!r} merges alone, not together with {names}")
+        name = dora[0]
+        block, norm = dora_merged_block(self.region(weight), self.update(name), self.lora_magnitude_vector[name])
+        return block, {name: norm}
 
     @torch.no_grad()
     def merge(self, weight: Tensor, names: Iterable[str]) -> None:
-        """Write ``W ← W + Σ ΔW`` into ``weight`` (the host tensor) and mark ``names`` merged."""
+        """Write ``W ← W + Σ ΔW`` (DoRA: ``W ← (m / ‖W + ΔW‖) ⊙ (W + ΔW)``, keeping the norms for
+        :meth:`unmerge`) into ``weight`` (the host tensor) and mark ``names`` merged."""
         names = list(names)
-        self.write_region(weight, self.merged_region(weight, names))
+        block, norms = self._merged(weight, names)
+        self.write_region(weight, block)
+        self.merge_norms.update(norms)
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self, weight: Tensor) -> list[str]:
-        """Write ``W ← W − Σ ΔW`` for every merged adapter; returns their names."""
+        """Write ``W ← W − Σ ΔW`` for every merged adapter, undoing DoRA merges in reverse order
+        with the norms they used; formed in float32 and cast once. Returns the adapters' names."""
         names, self.merged_adapters = self.merged_adapters, []
-        if names:
-            self.write_region(weight, self.merged_region(weight, names, sign=-1.0))
+        if not any(n in self.merge_norms for n in names):
+            if names:
+                self.write_region(weight, merged_block(self.region(weight), [self.update(n) for n in names], -1.0))
+            return names
+        block = self.region(weight).float()
+        for name in reversed(names):
+            if name in self.merge_norms:
+                block = dora_unmerged_block(block, self.update(name), self.magnitude(name), self.merge_norms.pop(name))
+            else:
+                block = merged_block(block, [self.update(name)], -1.0)
+        self.write_region(weight, block)
         return names
 
     def extra_repr(self) -> str:
         rows = "" if self.rows is None else f", rows={self.rows[0]}:{self.rows[1]}"
-        ranks = ", ".join(f"{n}: r={s.r}" for n, s in self.specs.items())
+        ranks = ", ".join(f"{n}: r={s.r}{', DoRA' if s.use_dora else ''}" for n, s in self.specs.items())
         return f"d_out={self.d_out}, d_in={self.d_in}{rows}, adapters=[{ranks}]"
 
 
@@ -221,8 +304,11 @@ class LoRALinear(LoRAWrapper):
     """An ``nn.Linear`` (or subclass) plus LoRA updates applied on the activations.
 
     ``base_layer`` is the original module, called as is, so a subclass's own ``forward`` keeps
-    working. ``weight`` and ``bias`` read through to it for code that inspects them.
+    working. ``weight`` and ``bias`` read through to it for code that inspects them. DoRA
+    adapters (:meth:`dora_output`) are computed here, on the reference path.
     """
+
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         if self.transposed:  # transformers' Conv1D: weight (d_in, d_out)
@@ -239,6 +325,49 @@ class LoRALinear(LoRAWrapper):
     def out_features(self) -> int:
         return self.d_out
 
+    def init_adapter(self, name: str) -> None:
+        """``A`` and ``B`` as :meth:`LoRALayer.init_adapter` draws them; a DoRA magnitude starts at
+        ``‖W + s·B A‖``, so that ``W' = W + s·B A`` at step 0 (``W`` itself with ``B = 0``)."""
+        super().init_adapter(name)
+        if name in self.lora_magnitude_vector:
+            with torch.no_grad():
+                self.lora_magnitude_vector[name].copy_(self.weight_norm(name))
+
+    def weight_norm(self, name: str) -> Tensor:
+        """DoRA's ``‖W + s·B A‖`` per output feature, ``(d_out,)`` float32, computed without
+        autograd (:func:`~lightning_lora.delta.weight_norm`): no tensor of ``W``'s size is kept."""
+        if quantized.is_quantized(self.base_layer):  # injection refuses it; a base quantized after it lands here
+            raise LoRAStateError(
+                f"DoRA adapter {name!r} sits on a quantized {type(self.base_layer).__name__}: lightning-lora does not "
+                f"implement DoRA over 4/8-bit weights (it needs the dequantized W's row norms every step). Train it "
+                f"on the dense base, or use plain LoRA (use_dora=False) for QLoRA."
+            )
+        return weight_norm(self.region(self.host_weight()), self.update(name))
+
+    def dora_output(self, x: Tensor, x_adapter: Tensor, base_output: Tensor, name: str) -> Tensor:
+        """What DoRA adapter ``name`` adds to ``base_output = base(x)``, in the adapter's dtype::
+
+            g = m / ‖W + s·B A‖                   (d_out,), the norm a constant (§4.3)
+            h = x_a Wᵀ + s · x_a Aᵀ Bᵀ            (..., d_out): x_a (W + s·B A)ᵀ
+            out = g ⊙ h − x_a Wᵀ                   = (g − 1) ⊙ x_a Wᵀ + g ⊙ s · x_a Aᵀ Bᵀ
+
+        ``x_a`` is the adapter's input: ``x``, whose ``x Wᵀ`` is ``base(x) − b`` (no second
+        product), or ``dropout(x)`` while training with dropout, whose ``x_a Wᵀ`` PEFT computes
+        again, and so does this. PEFT's ``DoraLinearLayer`` in another order of the same terms:
+        autograd keeps ``h`` and ``g`` here (one ``(..., d_out)`` tensor beside LoRA's
+        ``(..., r)``), where PEFT's ``(g − 1) · base + g · lora`` keeps two."""
+        A, B, scale = self.update(name)
+        x_a = x_adapter.to(A.dtype)
+        lora = F.linear(F.linear(x_a, A) * scale, B)
+        if x_adapter is x:
+            bias = self.base_layer.bias
+            base = (base_output if bias is None else base_output - bias).to(A.dtype)
+        else:
+            base = F.linear(x_a, self.region(self.host_weight()).to(A.dtype))
+        m = self.lora_magnitude_vector[name]
+        g = (m.float() / self.weight_norm(name)).to(A.dtype)
+        return g * (base + lora) - base
+
     def lora_output(self, x: Tensor, name: str) -> Tensor:
         """``dropout(x) Aᵀ Bᵀ`` for one adapter, unscaled, in the adapter's dtype."""
         A, B = self.lora_A[name], self.lora_B[name]
@@ -250,13 +379,14 @@ class LoRALinear(LoRAWrapper):
 
         One active adapter over a plain frozen ``nn.Linear`` or a frozen bitsandbytes 4/8-bit
         layer takes a fast path (:mod:`lightning_lora.fused`: the same math in fewer passes over
-        the activations); everything else (several adapters, mixed dtypes outside autocast, a trainable
-        or hooked base layer, another ``Linear`` subclass) takes :meth:`reference_forward`.
+        the activations); everything else (several adapters, mixed dtypes outside autocast, a
+        trainable or hooked base layer, another ``Linear`` subclass, a DoRA adapter) takes
+        :meth:`reference_forward`.
         """
         names = self.unmerged_active()
         if not names:
             return self.base_layer(x)
-        if len(names) == 1 and fused.fast_path_wanted():
+        if len(names) == 1 and not self.specs[names[0]].use_dora and fused.fast_path_wanted():
             name = names[0]
             A, B = self.lora_A[name], self.lora_B[name]  # a Linear's are (r, d_in) and (d_out, r) as stored
             run = fused.fast_forward(self.base_layer, x, A, B)
@@ -267,11 +397,16 @@ class LoRALinear(LoRAWrapper):
 
     def reference_forward(self, x: Tensor, names: list[str] | None = None) -> Tensor:
         """The formula as written, through autograd: the base layer's own forward, then each
-        adapter's update. The scale multiplies the ``(..., r)`` intermediate, not the output."""
-        y = self.base_layer(x)
+        adapter's update (a DoRA adapter's: :meth:`dora_output`). The scale multiplies the
+        ``(..., r)`` intermediate, not the output."""
+        y = base_output = self.base_layer(x)
         for name in self.unmerged_active() if names is None else names:
+            x_adapter = self._adapter_input(x, name)
+            if self.specs[name].use_dora:
+                y = y + self.dora_output(x, x_adapter, base_output, name).to(y.dtype)
+                continue
             A, B, scale = self.update(name)
-            y = y + F.linear(F.linear(self._adapter_input(x, name).to(A.dtype), A) * scale, B).to(y.dtype)
+            y = y + F.linear(F.linear(x_adapter.to(A.dtype), A) * scale, B).to(y.dtype)
         return y
 
 

@@ -75,7 +75,7 @@ def check_not_merged_already(model: nn.Module, file: AdapterFile) -> None:
     not record (it was saved after a merge, e.g. by a second ``fit`` of a merged model)."""
     records = merge_records(model)
     for name in sorted(set(records) & set(file.pairs)):
-        if update_digest(*file.update(name)) in {r.digest for r in records[name]}:
+        if update_digest(*file.update(name), file.magnitudes.get(name)) in {r.digest for r in records[name]}:
             raise LoRAStateError(
                 f"adapter {str(file.path)!r} is merged into {name!r} of this model already (merge_lora or "
                 f"unload_lora(merge=True) put its ΔW into the weight): loading it again would add ΔW twice. "
@@ -96,7 +96,8 @@ def check_not_merged_already(model: nn.Module, file: AdapterFile) -> None:
 
 
 def _fill(model: nn.Module, adapter_name: str, file: AdapterFile) -> None:
-    """Copy the file's A/B into the freshly injected adapter, checking every shape first."""
+    """Copy the file's A/B (and DoRA magnitudes) into the freshly injected adapter, checking every
+    shape first."""
     layers = {t.name: t for t in adapted_weights(model) if adapter_name in t.layer.lora_A}
     missing = sorted(set(layers) - set(file.pairs))
     extra = sorted(set(file.pairs) - set(layers))
@@ -133,6 +134,8 @@ def _fill(model: nn.Module, adapter_name: str, file: AdapterFile) -> None:
         with torch.no_grad():
             layer.lora_A[adapter_name].copy_(file.pairs[name][0])
             layer.lora_B[adapter_name].copy_(file.pairs[name][1])
+            if name in file.magnitudes:  # the file's use_dora made this adapter DoRA (read_adapter checked the shape)
+                layer.lora_magnitude_vector[adapter_name].copy_(file.magnitudes[name])
 
 
 def _load_trainable(model: nn.Module, adapter_name: str, file: AdapterFile, warn_shared: bool) -> None:

@@ -73,6 +73,13 @@ def merge_plan(targets: list[AdaptedWeight], adapter_names: str | Iterable[str] 
                 f"adapter {done[0]!r} is already merged into {target.name!r}; merging twice would "
                 f"add ΔW twice. Call unmerge_lora(model) first."
             )
+        dora = [n for n in names if layer.specs[n].use_dora]
+        if dora and len(names) > 1:
+            raise LoRAStateError(
+                f"cannot merge DoRA adapter {dora[0]!r} into {target.name!r} together with "
+                f"{[n for n in names if n != dora[0]]}: a DoRA merge rescales the rows of W + ΔW, so it goes into a "
+                f"weight alone. Merge one adapter at a time (merge_lora(model, {dora[0]!r}))."
+            )
         if names:
             plan.append((target, list(names)))
     if not plan:

@@ -10,7 +10,8 @@ An adapted weight is named after the module that owns it:
 In an adapter file the tensors of weight ``<name>`` are ``base_model.model.<name>.lora_A.weight``
 and ``.lora_B.weight`` (PEFT's keys, so a layer's name is exactly PEFT's), or
 ``base_model.model.<name>.lora_embedding_A`` and ``.lora_embedding_B`` for an ``nn.Embedding``
-(PEFT's keys for it), and a trained module's tensors are ``base_model.model.<state-dict key>``.
+(PEFT's keys for it), a DoRA adapter's magnitude is ``base_model.model.<name>.lora_magnitude_vector``
+(PEFT's key), and a trained module's tensors are ``base_model.model.<state-dict key>``.
 An ``nn.MultiheadAttention`` is written in PEFT's layout (:mod:`lightning_lora.peft_mha`): one
 pair named after the module over its fused ``in_proj_weight``, and one named
 ``<mha>.base_layer.out_proj``. Everything that builds or reads such a name calls this module.
@@ -41,7 +42,14 @@ CHECKPOINT_KEY = "lightning_lora"
 (``checkpoint[CHECKPOINT_KEY]``: whether it is adapter-only, its keys and config)."""
 
 _NAME = re.compile(r"(?P<module>.+)\.(?:in_proj_weight\[(?P<fused>[qkv])\]|(?P<separate>[qkv])_proj_weight)")
-_FILE_KEY = re.compile(r"(?P<name>.+)\.lora_(?P<embedding>embedding_)?(?P<part>[AB])(?:\.weight)?")
+_FILE_KEY = re.compile(
+    r"(?P<name>.+)\.(?:lora_(?P<embedding>embedding_)?(?P<part>[AB])(?:\.weight)?|(?P<magnitude>lora_magnitude_vector))"
+)
+
+PARTS = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}
+"""An adapter's tensors in a LoRA layer: part (``A``, ``B``, DoRA's magnitude ``m``) → the
+attribute holding them by adapter name, which is also their segment in state-dict keys
+(``<layer>.lora_magnitude_vector.<adapter>``)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +96,9 @@ def block_rows(label: str, total_rows: int) -> tuple[int, int]:
 
 
 class FileKey(NamedTuple):
-    """A parsed adapter-file key: the adapted weight's name, ``"A"`` or ``"B"``, and whether it
-    is spelled as PEFT spells an ``nn.Embedding``'s (``lora_embedding_A``)."""
+    """A parsed adapter-file key: the adapted weight's name, its part (``"A"``, ``"B"``, or
+    ``"m"``: DoRA's magnitude) and whether it is spelled as PEFT spells an ``nn.Embedding``'s
+    (``lora_embedding_A``)."""
 
     name: str
     part: str
@@ -97,8 +106,11 @@ class FileKey(NamedTuple):
 
 
 def file_key(name: str, part: str, embedding: bool = False) -> str:
-    """Key of ``lora_A`` (``part="A"``) or ``lora_B`` of weight ``name`` in an adapter file
-    (``lora_embedding_A`` / ``_B`` for an ``nn.Embedding``, as PEFT writes them)."""
+    """Key of ``lora_A`` (``part="A"``), ``lora_B`` or DoRA's magnitude (``"m"``) of weight
+    ``name`` in an adapter file (``lora_embedding_A`` / ``_B`` for an ``nn.Embedding``, as PEFT
+    writes them)."""
+    if part == "m":
+        return f"{FILE_PREFIX}{name}.{PARTS['m']}"
     if embedding:
         return f"{FILE_PREFIX}{name}.lora_embedding_{part}"
     return f"{FILE_PREFIX}{name}.lora_{part}.weight"
@@ -112,4 +124,6 @@ def peft_mha_owner(name: str) -> str | None:
 def parse_file_key(key: str) -> FileKey | None:
     """Inverse of :func:`file_key`; ``None`` for any other tensor."""
     m = _FILE_KEY.fullmatch(key.removeprefix(FILE_PREFIX))
-    return FileKey(m["name"], m["part"], bool(m["embedding"])) if m else None
+    if m is None:
+        return None
+    return FileKey(m["name"], "m" if m["magnitude"] else m["part"], bool(m["embedding"]))

@@ -1,7 +1,8 @@
 """Which tensors are an adapter's: the ones that train, and the ones a save must keep.
 
-An adapter consists of its ``A``/``B`` pairs and the full state of its ``trainable_modules``.
-:func:`adapter_entries` lists them once, each with both of its keys (the model's state-dict key
+An adapter consists of its ``A``/``B`` pairs (and, for DoRA, magnitudes ``m``: whatever each layer's
+:meth:`~lightning_lora.layers.LoRALayer.adapter_parameters` lists) and the full state of its
+``trainable_modules``. :func:`adapter_entries` lists them once, each with both of its keys (the model's state-dict key
 and the adapter file's key), so ``lora_state_dict`` (checkpoints) and the adapter files cannot
 disagree about what an adapter holds.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .names import FILE_PREFIX, file_key
+from .names import FILE_PREFIX, PARTS, file_key
 from .state import adapted_weights, lora_state
 from .targets import resolve_modules
 
@@ -28,7 +29,8 @@ class AdapterEntry:
 
 
 def lora_parameters(model: nn.Module, adapter_name: str | Iterable[str] | None = None) -> list[nn.Parameter]:
-    """The ``A``/``B`` parameters of ``adapter_name`` (default: every adapter), in model order."""
+    """The ``A``/``B`` (and DoRA ``m``) parameters of ``adapter_name`` (default: every adapter), in
+    model order."""
     wanted = [adapter_name] if isinstance(adapter_name, str) else adapter_name
     params: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -36,7 +38,7 @@ def lora_parameters(model: nn.Module, adapter_name: str | Iterable[str] | None =
         for name in target.layer.adapter_names:
             if wanted is not None and name not in wanted:
                 continue
-            for p in (target.layer.lora_A[name], target.layer.lora_B[name]):
+            for p in target.layer.adapter_parameters(name).values():
                 if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
@@ -62,7 +64,7 @@ def mark_only_lora_as_trainable(
     adapter_name: str | Iterable[str] | None = None,
     trainable_modules: Iterable[str] = (),
 ) -> None:
-    """``requires_grad`` on the given adapters' ``A``/``B`` and the named modules, off elsewhere."""
+    """``requires_grad`` on the given adapters' parameters and the named modules, off elsewhere."""
     keep = {id(p) for p in lora_parameters(model, adapter_name)}
     for module_name in resolve_modules(model, list(trainable_modules), "trainable_modules"):
         keep.update(id(p) for p in model.get_submodule(module_name).parameters())
@@ -73,14 +75,13 @@ def mark_only_lora_as_trainable(
 def adapter_entries(
     model: nn.Module, adapter_name: str | None = None, include_trainable: bool = True
 ) -> Iterator[AdapterEntry]:
-    """Every tensor of adapter ``adapter_name`` (default: all adapters' ``A``/``B``) and, with
-    ``include_trainable``, of the ``trainable_modules``, in model order."""
+    """Every tensor of adapter ``adapter_name`` (default: all adapters' ``A``/``B``, and DoRA's
+    ``m``) and, with ``include_trainable``, of the ``trainable_modules``, in model order."""
     for target in adapted_weights(model):
         for name in target.layer.adapter_names:
             if adapter_name is None or name == adapter_name:
-                for part in "AB":
-                    key = ".".join(filter(None, (target.path, f"lora_{part}", name)))
-                    tensor = getattr(target.layer, f"lora_{part}")[name]
+                for part, tensor in target.layer.adapter_parameters(name).items():
+                    key = ".".join(filter(None, (target.path, PARTS[part], name)))
                     yield AdapterEntry(key, file_key(target.name, part, target.layer.embedding_keys), tensor)
     if include_trainable:
         for module_name in trainable_module_names(model, adapter_name):
@@ -91,7 +92,7 @@ def adapter_entries(
 def lora_state_dict(
     model: nn.Module, adapter_name: str | None = None, include_trainable: bool = True
 ) -> dict[str, Tensor]:
-    """The adapter's tensors under their ``model.state_dict()`` keys: ``A``/``B`` of
-    ``adapter_name`` (default: all) and, with ``include_trainable``, the full state of the
+    """The adapter's tensors under their ``model.state_dict()`` keys: ``A``/``B`` (and DoRA's
+    ``m``) of ``adapter_name`` (default: all) and, with ``include_trainable``, the full state of the
     ``trainable_modules``. Small enough to save every step; enough to restore training."""
     return {e.state_key: e.tensor.detach() for e in adapter_entries(model, adapter_name, include_trainable)}

@@ -32,9 +32,12 @@ if TYPE_CHECKING:
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
-MATH_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+MATH_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
 """The fields that set what an adapter computes; the weights file keeps a copy to detect a
 pair of files from two different saves."""
+
+MATH_DEFAULTS = {"use_dora": False}
+"""What a math key means where a copy lacks it (files saved before lightning-lora knew it)."""
 
 # PEFT LoraConfig fields that do not change what a trained adapter computes.
 HARMLESS_FIELDS = {
@@ -44,14 +47,13 @@ HARMLESS_FIELDS = {
     "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_config",
     "megatron_core", "loftq_config", "eva_config", "corda_config", "qalora_group_size",
     "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config",
-    "velora_config", "arrow_config", "use_bdlora", "fan_in_fan_out",
+    "velora_config", "arrow_config", "use_bdlora", "fan_in_fan_out", "use_dora",
 }  # fmt: skip
 # ``fan_in_fan_out`` is harmless too: PEFT decides it per module from the layer type (it forces it
 # on for transformers' Conv1D and off for nn.Linear, with a warning, whatever the file says), and
 # so does lightning-lora (:class:`~lightning_lora.layer_types.LoRAConv1D`).
 # Fields whose non-default value means an adapter we cannot compute the same way.
 MATH_FIELDS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a trained bias on lora_B",
     "bias": "trained biases of the base layers",
     "layer_replication": "layer replication",
@@ -133,6 +135,7 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
         "a number in [0, 1)",
     ),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false (a JSON boolean, not a string)"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false (a JSON boolean, not a string)"),
     "target_modules": (_optional(lambda v: isinstance(v, str) or _names(v)), "a list of module names, or a string"),
     "exclude_modules": (_optional(lambda v: isinstance(v, str) or _names(v)), "a list of module names, or a string"),
     "modules_to_save": (_optional(_names), "a list of module names, or null"),
@@ -212,7 +215,7 @@ def peft_config_dict(
         "fan_in_fan_out": bool(transposed_weights(model, adapter_name)),
         "init_lora_weights": True,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "inference_mode": True,
@@ -251,6 +254,7 @@ def config_for_file(model: nn.Module, file: AdapterFile) -> LoRAConfig:
             init=extras.get("init", "zeros_b"),
             mha_projections=fields["mha_projections"],
             use_rslora=bool(peft.get("use_rslora", False)),
+            use_dora=peft.get("use_dora") is True,  # type-checked: a JSON boolean
             adapter_dtype=dtype,
         )
     except (TypeError, ValueError) as err:

@@ -51,10 +51,11 @@ class MergeRecord:
     digest: str
 
 
-def update_digest(A: Tensor, B: Tensor, scale: float) -> str:
-    """A short hash of ``(A, B, scale)``: equal for the same adapter in memory and in its file."""
+def update_digest(A: Tensor, B: Tensor, scale: float, magnitude: Tensor | None = None) -> str:
+    """A short hash of ``(A, B, scale)`` and a DoRA adapter's magnitude: equal for the same
+    adapter in memory and in its file."""
     h = hashlib.sha256(f"{tuple(A.shape)}{tuple(B.shape)}{A.dtype}{float(scale)!r}".encode())
-    for t in (A, B):
+    for t in (A, B) if magnitude is None else (A, B, magnitude):
         # a copy: numpy would pin the storage, which FSDP frees (resizes) after gathering
         h.update(t.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -71,7 +72,8 @@ def record_merge(model: nn.Module, target: AdaptedWeight, names: Iterable[str]) 
     parsed = parse_weight_name(target.name)
     records = _owner(model, target).__dict__.setdefault(MERGED_ATTR, [])
     for name in names:
-        records.append(MergeRecord(parsed.tensor, parsed.label, name, update_digest(*target.layer.update(name))))
+        digest = update_digest(*target.layer.update(name), target.layer.magnitude(name))
+        records.append(MergeRecord(parsed.tensor, parsed.label, name, digest))
 
 
 def forget_merge(model: nn.Module, target: AdaptedWeight, names: Iterable[str]) -> None:
@@ -200,7 +202,7 @@ def _delta_at(
     halves = {}
     for entry in adapter_entries(model, adapter_name, include_trainable=False):
         parsed = parse_file_key(entry.file_key)
-        if parsed is not None and parsed[0] == target.name:
+        if parsed is not None and parsed.name == target.name and parsed.part in ("A", "B"):
             source = state_dict.get(entry.state_key) if state_dict is not None else None
             halves[parsed[1]] = (source if source is not None else entry.tensor).detach().double().cpu()
     if set(halves) != {"A", "B"}:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .delta import matrix_view, merged_block
+from .delta import matrix_view
 from .errors import LoRAStateError
 from .merge import merge_lora, merge_plan, refuse_nonfinite, refuse_tied
 from .names import block_rows, parse_weight_name
@@ -286,6 +286,6 @@ def file_merge_report(
         def region(weight: Tensor, rows: tuple[int, int] | None = rows, flip: bool = name in transposed) -> Tensor:
             return weight[rows[0] : rows[1]] if rows is not None else matrix_view(weight, flip)
 
-        exact = merged_block(region(base[key]), [adapter.update(name)])
+        exact = adapter.merged(name, region(base[key]))
         weights.add(name, exact, region(merged[key]))
     return weights.report()

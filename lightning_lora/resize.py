@@ -27,6 +27,11 @@ from .names import FILE_PREFIX, file_key, parse_weight_name
 from .peft_format import MATH_KEYS
 from .state import adapted_weights, lora_config
 
+_DORA = (
+    "{what} is a DoRA adapter: its weight is m ⊙ (W + s·B A) / ‖W + s·B A‖, so the share of ‖s·B A‖² a "
+    "truncation keeps does not say how far its outputs move; resizing DoRA adapters is not implemented."
+)
+
 
 def truncate(A: Tensor, B: Tensor, scale: float, k: int) -> tuple[Tensor, Tensor, float]:
     """The best rank-``k`` approximation of ``ΔW = scale · B A`` as ``(A_k (k, d_in), B_k
@@ -58,6 +63,8 @@ def resize_adapter(
     suggestion = _suggestion(model, ranks, energy, budget, adapter_name)
     wanted = suggestion.ranks
     targets = [t for t in adapted_weights(model) if adapter_name in t.layer.specs and t.name in wanted]
+    if config.use_dora:
+        raise LoRAStateError(_DORA.format(what=f"adapter {adapter_name!r}"))
     merged = [t.name for t in targets if adapter_name in t.layer.merged_adapters]
     if merged:
         raise LoRAStateError(f"adapter {adapter_name!r} is merged into {merged[0]!r}; unmerge_lora(model) first.")
@@ -123,6 +130,8 @@ def resize_adapter_file(
     ``rank_pattern``/``alpha_pattern`` entries, and the metadata records, per weight, the share
     of ``‖ΔW‖²`` kept (``resized.energy_kept``). Trainable-module tensors are copied as they are."""
     file = read_adapter(path)
+    if file.magnitudes:
+        raise AdapterFileError(_DORA.format(what=str(path)))
     blocks = [n for n in file.pairs if parse_weight_name(n).label]
     if blocks:
         raise AdapterFileError(

@@ -151,6 +151,7 @@ def _rename(file: AdapterFile, fn: Callable[[str], str]) -> AdapterFile:
         trainable={fn(k): t for k, t in file.trainable.items()},
         embedding=frozenset(fn(n) for n in file.embedding),
         alphas={fn(n): a for n, a in file.alphas.items()},
+        magnitudes={fn(n): m for n, m in file.magnitudes.items()},
     )
 
 

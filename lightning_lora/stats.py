@@ -64,7 +64,7 @@ def parameter_stats(model: nn.Module) -> ParameterStats:
             t.name,
             (t.layer.d_out, t.layer.d_in),
             t.layer.specs[name].r,
-            t.layer.lora_A[name].numel() + t.layer.lora_B[name].numel(),
+            sum(p.numel() for p in t.layer.adapter_parameters(name).values()),
         )
         for t in adapted_weights(model)
         for name in t.layer.adapter_names

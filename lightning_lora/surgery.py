@@ -24,16 +24,11 @@ from torch.nn.utils import parametrize
 from . import quantized
 from .config import LoRAConfig
 from .errors import LoRAStateError, LoRATargetError
-from .layer_types import layer_type
+from .layer_types import READS_CHILD_WEIGHTS, layer_type
 from .layers import LoRALayer, LoRAParametrization, LoRAWrapper
 from .names import block_rows, weight_name
 from .state import STATE_ATTR, LoRAState, lora_state
 from .targets import Selected
-
-# Parents that read their Linear children's ``.weight`` directly instead of calling them:
-# MultiheadAttention (out_proj) and TransformerEncoderLayer's inference fast path (linear1,
-# linear2). Their Linears are adapted through a weight parametrization, never a wrapper.
-_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
 def adapt(
@@ -52,7 +47,7 @@ def adapt(
         _add(module, config, adapter_name, target.name, module.weight, module.base_layer)
     elif isinstance(module, nn.MultiheadAttention):
         _adapt_mha(module, target.name, config, adapter_name, state, target.with_out_proj)
-    elif isinstance(module, nn.Linear) and isinstance(parent, _READS_CHILD_WEIGHTS):
+    elif isinstance(module, nn.Linear) and isinstance(parent, READS_CHILD_WEIGHTS):
         _parametrize(module, "weight", None, "", config, adapter_name, state, target.name)
     else:
         kind = layer_type(module)

@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from .config import ALL_LINEAR, LoRAConfig
 from .errors import LoRATargetError
-from .layer_types import LINEAR_TYPES, SUPPORTED, layer_type
+from .layer_types import LINEAR_TYPES, READS_CHILD_WEIGHTS, SUPPORTED, layer_type
 from .layers import LoRAWrapper
 from .names import QKV, parse_weight_name
 from .sharing import output_layers
@@ -159,6 +159,8 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
             f"LoRA cannot adapt (supported: {SUPPORTED}).{fix}"
         )
     _refuse_inexact(chosen, spec)
+    if config.use_dora:
+        _refuse_dora(chosen, spec)
     names = {n for n, _, _ in chosen}
     # An out_proj inside a chosen MultiheadAttention is adapted with it, not on its own.
     chosen = [
@@ -227,6 +229,26 @@ def _refuse_inexact(chosen: list[tuple[str, nn.Module, nn.Module | None]], spec:
             raise LoRATargetError(
                 f"target_modules={spec!r} selects {name!r} ({type(module).__name__}), which LoRA cannot adapt "
                 f"exactly: {reason}. Leave it out: exclude_modules=[{name!r}]."
+            )
+
+
+def _refuse_dora(chosen: list[tuple[str, nn.Module, nn.Module | None]], spec: Any) -> None:
+    """With ``use_dora``, refuse a selected module DoRA cannot run on (a conv, an embedding, an
+    ``nn.MultiheadAttention`` or a Linear its parent reads the weight of, a quantized base),
+    naming it, the reason and the fix."""
+    for name, module, parent in chosen:
+        base = module.base_layer if isinstance(module, LoRAWrapper) else module
+        kind = layer_type(base)
+        reason = kind.dora_refusal(base) if kind is not None else None
+        if reason is None and isinstance(parent, READS_CHILD_WEIGHTS):
+            reason = (
+                f"its parent {type(parent).__name__} reads its weight directly, so it is adapted through a weight "
+                f"parametrization, where DoRA is not implemented"
+            )
+        if reason:
+            raise LoRATargetError(
+                f"use_dora=True, but target_modules={spec!r} selects {name!r} ({type(base).__name__}): {reason}. "
+                f"Leave it out (exclude_modules=[{name!r}]), or set use_dora=False."
             )
 
 

@@ -329,8 +329,8 @@ def test_unknown_fields_at_their_defaults_are_ignored_with_a_warning(tmp_path):
     ("changes", "message"),
     [
         (
-            {"use_dora": True},
-            r"sets use_dora=True: DoRA \(weight-decomposed LoRA\), which lightning-lora does not implement",
+            {"lora_bias": True},
+            r"sets lora_bias=True: a trained bias on lora_B, which lightning-lora does not implement",
         ),
         (
             {"use_future_trick": True},
@@ -360,11 +360,11 @@ def test_a_truncated_safetensors_file_is_refused(tmp_path):
 def test_lora_variants_we_do_not_implement_are_refused_by_tensor_name(tmp_path):
     directory = adapter_dir(tmp_path)
     tensors = load_file(directory / "adapter_model.safetensors")
-    tensors["base_model.model.layers.0.query.lora_magnitude_vector"] = torch.ones(16)
+    tensors["base_model.model.layers.0.query.lora_B.bias"] = torch.ones(16)  # PEFT's lora_bias
     save_file(tensors, directory / "adapter_model.safetensors")
     with pytest.raises(
         AdapterFileError,
-        match=r"holds 'base_model\.model\.layers\.0\.query\.lora_magnitude_vector', a LoRA tensor of a kind",
+        match=r"holds 'base_model\.model\.layers\.0\.query\.lora_B\.bias', a LoRA tensor of a kind",
     ):
         load_adapter(Net(), directory)
 
