@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused, quantized
+from . import fused, fused_dora, quantized
 from .config import AdapterSpec
 from .delta import (
     Update,
@@ -316,6 +316,7 @@ class LoRALinear(LoRAWrapper):
         else:  # the declared sizes: a quantized weight is stored packed, not (d_out, d_in)
             d_out, d_in = base_layer.out_features, base_layer.in_features
         super().__init__(base_layer, d_out, d_in)
+        self._norm_cache: dict[str, dict] = {}  # DoRA's fast path: ‖Wᵢ‖² per adapter (fused_dora.row_norms)
 
     @property
     def in_features(self) -> int:
@@ -380,15 +381,24 @@ class LoRALinear(LoRAWrapper):
         One active adapter over a plain frozen ``nn.Linear`` or a frozen bitsandbytes 4/8-bit
         layer takes a fast path (:mod:`lightning_lora.fused`: the same math in fewer passes over
         the activations); everything else (several adapters, mixed dtypes outside autocast, a
-        trainable or hooked base layer, another ``Linear`` subclass, a DoRA adapter) takes
-        :meth:`reference_forward`.
+        trainable or hooked base layer, another ``Linear`` subclass, a DoRA adapter with dropout
+        while training) takes :meth:`reference_forward`; a DoRA adapter otherwise takes
+        :mod:`lightning_lora.fused_dora`.
         """
         names = self.unmerged_active()
         if not names:
             return self.base_layer(x)
-        if len(names) == 1 and not self.specs[names[0]].use_dora and fused.fast_path_wanted():
+        if len(names) == 1 and fused.fast_path_wanted():
             name = names[0]
             A, B = self.lora_A[name], self.lora_B[name]  # a Linear's are (r, d_in) and (d_out, r) as stored
+            spec = self.specs[name]
+            if spec.use_dora:  # its own Function; with dropout drawn while training, the reference
+                if not (spec.dropout > 0.0 and self.training):
+                    cache = self._norm_cache.setdefault(name, {})
+                    y = fused_dora.fast_forward(self.base_layer, x, A, B, self.magnitude(name), spec.scale, cache)
+                    if y is not None:
+                        return y
+                return self.reference_forward(x, names)
             run = fused.fast_forward(self.base_layer, x, A, B)
             if run is not None:
                 x_adapter = self._adapter_input(x, name)  # x itself without dropout: read once
