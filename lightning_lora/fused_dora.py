@@ -1,30 +1,34 @@
 """DoRA's fast path: the reference formula of :meth:`~lightning_lora.layers.LoRALinear.dora_output`
-in one autograd Function, with fewer passes over the ``(N, d_out)`` activations and no
-weight-sized temporary.
+in one autograd Function that never makes a pass over the ``(N, d_out)`` activations to scale
+them, and keeps only the output for the magnitude's gradient.
 
 With ``x: (N, d_in)``, a frozen ``W: (d_out, d_in)`` and bias ``b``, ``A: (r, d_in)``,
-``B: (d_out, r)``, ``s = alpha / r``, the magnitude ``m: (d_out,)`` and the row norms
-``n = ‖W + s·B A‖`` (a constant, as in the paper's §4.3 and PEFT)::
+``B: (d_out, r)``, ``s = alpha / r``, the magnitude ``m: (d_out,)``, the row norms
+``n = ‖W + s·B A‖`` (a constant, as in the paper's §4.3 and PEFT) and ``c = m / n``::
 
-    forward   a = x Aᵀ                          (N, r)
-              z = s · a Bᵀ;  z += x Wᵀ           (N, d_out)   x (W + s·B A)ᵀ, as LoRA's fast path
-              y = c ⊙ z + b,  c = m / n          in place: z is not kept
-    backward  dz = c ⊙ dy
-              dm = Σ_rows dy ⊙ (y − b) / m      = Σ_rows dy ⊙ z / n, read back from the saved y
-              dA, dB, dx from dz exactly as LoRA's fast path from dy
+    y = c ⊙ x (W + s·B A)ᵀ + b  =  x (c⊙W)ᵀ + s · (x Aᵀ)(c⊙B)ᵀ + b
 
-Saved for backward: ``x`` and ``a`` (as LoRA's fast path), and the output ``y`` itself, which
-the next layer often keeps anyway (a SiLU, a product): the reference path keeps ``z`` beside
-``y``, PEFT two ``(N, d_out)`` tensors. Reading ``z`` back as ``(y − b) / c`` needs ``m ≠ 0``;
-a magnitude of exactly zero gives that row a NaN gradient (loud, never silent), where the
-reference path gives a finite one.
+so the per-row scale rides on the weights (``c⊙W`` is a weight-sized temporary, freed at once;
+at LLM batch sizes a weight is several times smaller than the activations it would scale)::
+
+    forward   a = x Aᵀ                        (N, r)
+              y = s · a (c⊙B)ᵀ + b;  y += x (c⊙W)ᵀ
+    backward  dm = Σ_rows dy ⊙ (y − b) / m    = Σ_rows dy ⊙ x (W + s·B A)ᵀ / n, from the saved y
+              g  = s · dy (c⊙B)               (N, r)
+              dB = c ⊙ (s · dyᵀ a);  dA = gᵀ x;  dx = g A + dy (c⊙W)
+
+Saved for backward: ``x`` and ``a`` (as LoRA's fast path), and the output ``y``, which the next
+layer often keeps anyway (a SiLU, a product): the reference path keeps ``x (W + s·B A)ᵀ``
+beside ``y``, PEFT two ``(N, d_out)`` tensors. Reading the unscaled product back from ``y``
+divides by ``m``: a magnitude of exactly zero gives that row a NaN gradient (loud, never
+silent), where the reference path gives a finite one.
 
 The norms come from the ``r``-sized factors instead of forming ``W + s·B A``::
 
-    ‖Wᵢ + s·(B A)ᵢ‖² = ‖Wᵢ‖² + 2s · Bᵢ·(W Aᵀ)ᵢ + s² · Bᵢ (A Aᵀ) Bᵢᵀ
+    ‖Wᵢ + s·(B A)ᵢ‖² = ‖Wᵢ‖² + Bᵢ · (2s · (W Aᵀ)ᵢ + s² · (B A Aᵀ)ᵢ)
 
 ``‖Wᵢ‖²`` is cached per weight (recomputed when the weight's storage or version changes, e.g.
-after a merge), ``W Aᵀ`` is one ``(d_out, r)`` GEMM: no ``d_out × d_in`` temporary per step.
+after a merge), ``W Aᵀ`` is one ``(d_out, r)`` GEMM: no ``d_out × d_in`` float32 temporary.
 """
 
 from __future__ import annotations
@@ -43,11 +47,10 @@ def row_norms(weight: Tensor, A: Tensor, B: Tensor, scale: float, cache: dict) -
     if cache.get("key") != key:
         wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
         cache["key"], cache["w2"] = key, torch.linalg.vector_norm(weight, dim=1, dtype=wide).float().square()
-    Bf = B.float()
-    cross = ((weight @ A.to(weight.dtype).t()).float() * Bf).sum(1)  # Bᵢ · (W Aᵀ)ᵢ
-    Af = A.float()
-    quad = ((Bf @ (Af @ Af.t())) * Bf).sum(1)  # Bᵢ (A Aᵀ) Bᵢᵀ
-    return (cache["w2"] + (2 * scale) * cross + (scale * scale) * quad).clamp_min_(0).sqrt_()
+    Af, Bf = A.float(), B.float()
+    t = (weight @ A.to(weight.dtype).t()).float()  # W Aᵀ: (d_out, r)
+    t = torch.addmm(t, Bf, Af @ Af.t(), beta=2 * scale, alpha=scale * scale)  # 2s·W Aᵀ + s²·B A Aᵀ
+    return (cache["w2"] + (t * Bf).sum(1)).clamp_min_(0).sqrt_()
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -68,11 +71,14 @@ class DoRALinearFunction(torch.autograd.Function):
     ) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        c = (magnitude.float() / norm).to(x.dtype).unsqueeze(1)  # (d_out, 1)
         a = x2 @ A.t()
-        z = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, B.t(), beta=0, alpha=scaling)
-        z.addmm_(x2, weight.t())
-        c = (magnitude.float() / norm).to(z.dtype)
-        y = z.mul_(c) if bias is None else torch.addcmul(bias, z, c)  # z dies here, or is freed
+        cB = B * c
+        if bias is None:
+            y = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, cB.t(), beta=0, alpha=scaling)
+        else:
+            y = torch.addmm(bias, a, cB.t(), alpha=scaling)
+        y.addmm_(x2, (weight * c).t())  # c⊙W: a temporary of W's size, gone after this GEMM
         ctx.save_for_backward(x2, a, weight, bias, A, B, magnitude, c, y)
         ctx.scaling, ctx.x_shape = scaling, x.shape
         return y.view(*lead, y.shape[-1])
@@ -89,14 +95,13 @@ class DoRALinearFunction(torch.autograd.Function):
             if bias is not None:
                 num -= bias.float() * dy2.sum(0, dtype=torch.float32)
             dm = (num / magnitude.float()).to(magnitude.dtype)
-        dz = dy2 * c
-        g = a.new_empty(a.shape).addmm_(dz, B, beta=0, alpha=s) if (need_A or need_x) else None
+        g = a.new_empty(a.shape).addmm_(dy2, B * c, beta=0, alpha=s) if (need_A or need_x) else None
         dA = g.t() @ x2 if need_A else None
-        dB = B.new_empty(B.shape).addmm_(dz.t(), a, beta=0, alpha=s) if need_B else None
+        dB = (dy2.t() @ a).mul_(c * s) if need_B else None
         dx = None
         if need_x:
             dx2 = g @ A
-            dx2.addmm_(dz, weight)
+            dx2.addmm_(dy2, weight * c)
             dx = dx2.view(ctx.x_shape)
         return dx, None, None, dA, dB, None, dm, None
 
