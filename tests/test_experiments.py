@@ -41,3 +41,14 @@ def test_rank_advisor_jobs_run_the_default_schedule_with_csv_logs_and_no_checkpo
     assert lora.lora.r == 64 and lora.trainer.max_epochs == 3 and list(lora.logger) == ["csv"]
     assert "model_checkpoint" not in lora.callbacks and lora.test is True
     assert "lora" not in job("rank_advisor", method="full_finetune", seed="0")
+
+
+def test_variant_jobs_set_their_variant_on_the_rank_advisors_schedule():
+    assert sweep("variants")["method"] == ["lora_dora", "lora_plus", "lora_rank_pattern", "lora_pissa"]
+    assert job("variants", method="lora_dora", seed="1").lora.use_dora is True
+    assert job("variants", method="lora_plus", seed="1").lora.loraplus_lr_ratio == 16
+    ranks = job("variants", method="lora_rank_pattern", seed="1").lora
+    assert ranks.r == 4 and dict(ranks.rank_pattern) == {"query": 16, "value": 16}
+    plain = job("rank_advisor", method="lora_r8", seed="1")
+    dora = job("variants", method="lora_dora", seed="1")
+    assert dora.trainer == plain.trainer and list(dora.logger) == list(plain.logger) == ["csv"]
