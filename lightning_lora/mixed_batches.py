@@ -13,7 +13,9 @@ forward with that one adapter active (fast path included), and puts the rows bac
                 └─► rows of "__base__" ──► forward, none active ──────┘
 
 so row i is ``base(xᵢ) + Δ_{names[i]}(xᵢ)``, PEFT's ``_mixed_batch_forward``; a layer that lacks
-adapter ``names[i]`` adds nothing to that row, as in PEFT. The base layer runs once per sub-batch,
+adapter ``names[i]`` adds nothing to that row, as in PEFT. DoRA adapters are exact too (PEFT
+refuses them): their scale ``m / ‖W + ΔW‖`` depends on weights only, so rows stay independent and
+each sub-batch's own forward is the DoRA forward. The base layer runs once per sub-batch,
 so the work is one ordinary forward plus a gather and a scatter per distinct name. A batch that
 uses one name throughout is that adapter's plain forward, bit for bit.
 

@@ -115,6 +115,26 @@ def test_mixed_batches_equal_peft_adapter_names_with_the_same_adapters(kind, tmp
     torch.testing.assert_close(mixed_logits(ours, tokens, NAMES), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["auto", "never"], ids=["fast-path", "reference-path"])
+def test_dora_rows_equal_their_sample_run_alone_where_peft_refuses_dora(kind, mode):
+    """DoRA's scale ``m / ‖W + ΔW‖`` depends on the weights only, so rows stay independent and
+    each sub-batch's own forward is exact (PEFT's ``adapter_names`` refuses DoRA)."""
+    model = BUILDS[kind]()
+    targets = TARGETS[kind][0][:2]  # Linear / Conv1D layers: DoRA's types
+    inject_lora(model, adapter_name="dora", r=4, use_dora=True, target_modules=targets)
+    inject_lora(model, adapter_name="plain", r=4, target_modules=targets)
+    as_if_trained(model)
+    model.eval()
+    names = ["dora", "plain", "__base__", "dora"]
+    tokens = ids(len(names))
+    with fast_path(mode):
+        mixed = mixed_logits(model, tokens, names)
+        alone = torch.cat([logits_alone(model, tokens[i : i + 1], n) for i, n in enumerate(names)])
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=1e-6)
+    assert (alone[0] - alone[2]).abs().max() > 1e-3  # DoRA changes its rows
+
+
 class EmbedConvNet(nn.Module):
     """Token ids → ``nn.Embedding`` → ``nn.Conv1d`` over the sequence → ``nn.Linear``: the wrapper
     types beyond Linear and Conv1D, each seeing the batch in dim 0."""
