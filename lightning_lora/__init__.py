@@ -27,6 +27,7 @@ from .layers import LoRALayer, LoRALinear, LoRAParametrization
 from .load import load_adapter
 from .loraplus import apply_loraplus
 from .merge import merge_lora, unmerge_lora
+from .mixed_batches import per_sample_adapters
 from .params import lora_parameters, lora_state_dict, mark_only_lora_as_trainable
 from .report import merge_report
 from .resize import resize_adapter, resize_adapter_file
@@ -78,6 +79,7 @@ __all__ = [
     "merge_lora",
     "merge_report",
     "parameter_stats",
+    "per_sample_adapters",
     "read_adapter",
     "resize_adapter",
     "resize_adapter_file",

@@ -140,6 +140,8 @@ class LoRAConv(_ReadsThrough, LoRAWrapper):
     def forward(self, x: Tensor) -> Tensor:
         """``y = conv(x, W) + b + Σ_active scale · conv_B(conv_A(dropout(x)))``;
         ``x: (N, in, *spatial)`` → ``y: (N, d_out, *spatial_out)`` in ``x``'s dtype."""
+        if self.per_sample is not None:  # a mixed batch: one adapter per row (mixed_batches)
+            return self.per_sample(self, x)
         y = self.base_layer(x)
         conv = _CONV[len(self.kernel_shape) - 1]
         for name in self.unmerged_active():
@@ -210,6 +212,8 @@ class LoRAEmbedding(_ReadsThrough, LoRAWrapper):
 
     def forward(self, ids: Tensor) -> Tensor:
         """``y = W[ids] + Σ_active scale · A[:, ids]ᵀ Bᵀ``; ``ids: (...)`` → ``y: (..., D)``."""
+        if self.per_sample is not None:  # a mixed batch: one adapter per row (mixed_batches)
+            return self.per_sample(self, ids)
         y = self.base_layer(ids)
         base = self.base_layer
         for name in self.unmerged_active():

@@ -39,7 +39,7 @@ through :meth:`LoRALinear.reference_forward`, the formula as written; tests comp
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
@@ -278,6 +278,10 @@ class LoRAWrapper(LoRALayer):
     back in its place.
     """
 
+    per_sample: Callable[[LoRAWrapper, Tensor], Tensor] | None = None
+    """Set on the layer only inside :func:`~lightning_lora.mixed_batches.per_sample_adapters`:
+    the forward that runs each row of the batch with its own adapter."""
+
     def __init__(self, base_layer: nn.Module, d_out: int, d_in: int) -> None:
         super().__init__(d_out, d_in)
         self.base_layer = base_layer
@@ -385,6 +389,8 @@ class LoRALinear(LoRAWrapper):
         while training) takes :meth:`reference_forward`; a DoRA adapter otherwise takes
         :mod:`lightning_lora.fused_dora`.
         """
+        if self.per_sample is not None:  # a mixed batch: one adapter per row (mixed_batches)
+            return self.per_sample(self, x)
         names = self.unmerged_active()
         if not names:
             return self.base_layer(x)
