@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from .atomic import interrupted_save_hint, read_files
-from .config import ADAPTER_DTYPES, INITS, MHA_PROJECTIONS, AdapterSpec
+from .config import ADAPTER_DTYPES, INITS, MHA_PROJECTIONS, AdapterSpec, valid_init
 from .delta import Update, delta_weight, dora_merged_block, merged_block
 from .errors import AdapterFileError
 from .names import FILE_PREFIX, parse_file_key, peft_mha_owner
@@ -84,7 +84,7 @@ def read_adapter_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
 _EXTRAS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "version": (lambda v: isinstance(v, str), "a string"),
     "adapter_name": (lambda v: isinstance(v, str), "a string"),
-    "init": (lambda v: v in INITS, f"one of {list(INITS)}"),
+    "init": (valid_init, f"one of {list(INITS)}"),
     "mha_projections": (lambda v: isinstance(v, list) and set(v) <= set(MHA_PROJECTIONS) and v, "a subset of q, k, v"),
     "adapter_dtype": (lambda v: v is None or v in ADAPTER_DTYPES, f"null or one of {list(ADAPTER_DTYPES)}"),
     "config": (lambda v: isinstance(v, dict), "an object"),

@@ -96,6 +96,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             f"would leave its ΔW in W for good. Call unmerge_lora(model) first, or unload_lora(model, "
             f"merge=True) to keep it in the weights."
         )
+    moved = [t for t in adapted_weights(model) if adapter_name in t.layer.initial]
+    if moved:
+        moved[0].layer.delete_adapter(adapter_name)  # refuses, naming the init and the way out
     if present == [adapter_name]:
         strip_lora(model)  # nothing is merged (checked above): the base weights are untouched
         return
@@ -182,6 +185,12 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], adapter_nam
         raise LoRAStateError(
             f"cannot combine adapter {dora!r}: it is a DoRA adapter, whose update rescales the rows of W + ΔW, so it "
             f"is not a sum of low-rank ΔW that concatenated ranks could hold. Combine plain LoRA adapters only."
+        )
+    moved = next((n for t in targets for n in weights if n in t.layer.initial), None)
+    if moved is not None:
+        raise LoRAStateError(
+            f"cannot combine adapter {moved!r}: its init ({targets[0].layer.specs[moved].init!r}) moved part of W into "
+            f"it, so its B A is not a change of the model. Combine plain LoRA adapters only."
         )
     ranks: dict[str, int] = {}
     dtypes: set[torch.dtype] = set()

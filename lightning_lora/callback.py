@@ -66,7 +66,8 @@ class LoRACallback(Callback):
         target_modules: module names or dotted suffixes, one regular expression, or ``"all-linear"``.
         exclude_modules: modules never adapted (``None``: none).
         trainable_modules: modules trained in full and saved with the adapter (``None``: none).
-        init: ``"zeros_b"`` (``B = 0``) or ``"gaussian"``.
+        init: ``"zeros_b"`` (``B = 0``), ``"gaussian"``, or PEFT's base-changing ``"pissa"``,
+            ``"pissa_niter_<K>"``, ``"olora"`` (the fit-end save converts them to plain LoRA).
         mha_projections: which of q, k, v in an ``nn.MultiheadAttention`` get ``A``/``B`` (``None``: all).
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         adapter_dtype: dtype of ``A`` and ``B``; ``None`` follows the base weight.

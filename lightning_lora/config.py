@@ -19,7 +19,7 @@ from .errors import AdapterFileError, LoRAConfigError
 from .patterns import PatternKeyError, check_pattern_key, pattern_value
 
 ALL_LINEAR = "all-linear"
-INITS = ("zeros_b", "gaussian")
+INITS = ("zeros_b", "gaussian", "pissa", "pissa_niter_<K>", "olora")
 MHA_PROJECTIONS = ("q", "k", "v")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -92,7 +92,9 @@ class LoRAConfig:
     init: str = "zeros_b"
     """``"zeros_b"``: ``A`` Kaiming-uniform (``N(0, 1)`` for an ``nn.Embedding``, as it draws its
     own rows), ``B = 0`` so the model is unchanged at step 0 (the paper's choice). ``"gaussian"``: ``A, B ~ N(0, 0.01²)``, the textbook variant whose output
-    changes at step 0."""
+    changes at step 0. ``"pissa"``, ``"pissa_niter_<K>"`` and ``"olora"`` (PEFT's) start ``A``/``B``
+    from the principal part of ``W`` and subtract it from ``W``: they change the base weights
+    (:mod:`lightning_lora.base_init`)."""
 
     mha_projections: list[str] = field(default_factory=lambda: list(MHA_PROJECTIONS))
     """Which of q, k, v inside an adapted ``nn.MultiheadAttention`` get their own ``A``/``B``.
@@ -131,7 +133,7 @@ class LoRAConfig:
         self.target_modules = _targets(self.target_modules)
         self.exclude_modules = _names("exclude_modules", self.exclude_modules)
         self.trainable_modules = _names("trainable_modules", self.trainable_modules)
-        self.init = _choice("init", self.init, INITS)
+        self.init = _init(self.init)
         self.mha_projections = _projections(self.mha_projections)
         if not isinstance(self.use_rslora, bool):
             raise LoRAConfigError(f"LoRAConfig.use_rslora must be true or false, got {self.use_rslora!r}.")
@@ -250,6 +252,25 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
             f"LoRAConfig.{name}={value!r} is not supported; choose one of {', '.join(repr(a) for a in allowed)}.{hint}"
         )
     return value
+
+
+def valid_init(value: Any) -> bool:
+    """Whether ``value`` is an ``init`` we implement (:data:`INITS`, ``<K>`` a positive integer)."""
+    from .base_init import BASE_INIT_RE  # base_init imports nothing of config's
+
+    return isinstance(value, str) and (value in ("zeros_b", "gaussian") or BASE_INIT_RE.fullmatch(value) is not None)
+
+
+def _init(value: Any) -> str:
+    if valid_init(value):
+        return value
+    hint = " (K, the subspace iterations, a positive integer: pissa_niter_4)" if str(value).startswith("pissa") else ""
+    close = difflib.get_close_matches(str(value), INITS, n=1)
+    did = f" Did you mean '{close[0]}'?" if close and not hint else ""
+    raise LoRAConfigError(
+        f"LoRAConfig.init={value!r} is not supported{hint}; choose one of 'zeros_b', 'gaussian', 'pissa', "
+        f"'pissa_niter_<K>', 'olora'.{did}"
+    )
 
 
 def _names(name: str, value: Any) -> list[str]:

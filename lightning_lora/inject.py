@@ -76,6 +76,7 @@ def unload_lora(model: nn.Module, merge: bool = True, requantize: bool = False) 
     gives a dense ``nn.Linear`` in its compute dtype instead, or with ``requantize`` the same
     quantized type holding ``Q(W + ΔW)`` (:func:`~lightning_lora.merge.merge_quantized`)."""
     targets = require_adapted(model, "unload")
+    refuse_residual_left(targets, merge)
     if merge:
         dense = [t for t in targets if not is_packed(t.weight)]
         pending = [n for n in adapter_names(model) if any(n in t.layer.unmerged_active() for t in dense)]
@@ -90,3 +91,19 @@ def unload_lora(model: nn.Module, merge: bool = True, requantize: bool = False) 
         unmerge_lora(model)
     strip_lora(model)
     return model
+
+
+def refuse_residual_left(targets: list, merge: bool) -> None:
+    """Refuse an unload that would drop an adapter whose init moved W's principal part into it
+    (PiSSA, OLoRA): the model would silently keep the residual weight, not the pretrained one.
+    Unloading with ``merge`` keeps it when it is active (and merged or about to be)."""
+    for t in targets:
+        for name in t.layer.initial:
+            kept = merge and (name in t.layer.merged_adapters or name in t.layer.unmerged_active())
+            if not kept:
+                raise LoRAStateError(
+                    f"unload_lora(merge={merge}) would drop adapter {name!r} of {t.name!r}, initialised with "
+                    f"init={t.layer.specs[name].init!r}: W there is the residual W − s·B₀A₀, not the pretrained "
+                    f"weight. Activate it and unload with merge=True, or save it first (the saved file converts it to "
+                    f"plain LoRA for the original base) and rebuild the base model."
+                )

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -44,6 +46,7 @@ from .adapter_file import (
     read_adapter_tensors,
 )
 from .atomic import atomic_write, replace_directory
+from .base_init import changes_base
 from .errors import AdapterSaveError
 from .names import file_key
 from .params import adapter_entries
@@ -51,7 +54,7 @@ from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MATH_KEYS, peft_config
 from .peft_mha import METADATA_FIELD, peft_layout
 from .provenance import merge_records
 from .roots import rebase, relative, resolve_root, served_name_or_path
-from .state import lora_config
+from .state import adapted_weights, lora_config
 
 __all__ = [
     "METADATA_KEY",
@@ -85,6 +88,7 @@ def save_adapter(
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
     root: str | None = None,
+    convert_base_init: bool = True,
 ) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's layout.
 
@@ -102,19 +106,33 @@ def save_adapter(
     is copied apart, as safetensors requires). If adapters were merged into the model's weights
     before this one trained, the file says so (``merged_into_base``), and loading it into a
     model without that merge warns.
+
+    An adapter whose init changed ``W`` (``"pissa"``, ``"olora"``: :mod:`lightning_lora.base_init`)
+    only fits the residual weights. ``convert_base_init`` (default) writes PEFT's conversion
+    instead, a plain LoRA adapter for the *original* base: rank ``2r``, ``A' = [A; A₀]``,
+    ``B' = [B, −B₀]``, alpha scaled to keep ``s`` (``path_initial_model_for_weight_conversion``
+    in PEFT). ``False`` writes it as trained, ``init_lora_weights`` naming the init: what PEFT
+    saves by default, for the residual model saved beside it.
     """
     path = Path(path)
     _check_target(path)
     config = lora_config(model, adapter_name)
     root = resolve_root(model, root)
     base = base_model_name_or_path or served_name_or_path(model, root)
-    tensors, peft = rebase(adapter_tensors(model, adapter_name), peft_config_dict(model, adapter_name, base), root)
+    tensors, peft = adapter_tensors(model, adapter_name), peft_config_dict(model, adapter_name, base)
+    init = config.init
+    if changes_base(init):
+        if convert_base_init:
+            tensors, peft, init = converted_to_lora(model, adapter_name, tensors, peft), peft, "zeros_b"
+        else:
+            peft["init_lora_weights"] = init
+    tensors, peft = rebase(tensors, peft, root)
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     records = peft_layout(model, adapter_name).records
     extras = {
         "version": _version(),
         "adapter_name": adapter_name,
-        "init": config.init,
+        "init": init,
         "mha_projections": config.mha_projections,
         "adapter_dtype": config.adapter_dtype,
         "target_patterns": config.target_modules,
@@ -124,10 +142,35 @@ def save_adapter(
         "root": root,
         METADATA_FIELD: {relative(name, root): record for name, record in records.items()},
     }
+    if init != config.init:
+        extras["converted_from"] = config.init
     merged = {name: [r.digest for r in records] for name, records in merge_records(model).items()}
     if merged:
         extras["merged_into_base"] = merged
     return write_adapter_files(path, peft, tensors, extras)
+
+
+def converted_to_lora(
+    model: nn.Module, adapter_name: str, tensors: dict[str, Tensor], peft: dict[str, Any]
+) -> dict[str, Tensor]:
+    """The tensors (file keys) of a base-changing adapter as PEFT's plain-LoRA conversion
+    (``ΔW = s·(B A − B₀ A₀) = s·[B, −B₀][A; A₀]``); ``peft`` is updated in place: ranks doubled,
+    alphas scaled so that every scale stays, ``init_lora_weights: true``."""
+    out = dict(tensors)
+    for t in adapted_weights(model):
+        if adapter_name in t.layer.initial:
+            A0, B0 = t.layer.initial[adapter_name]
+            key_a = file_key(t.name, "A", t.layer.embedding_keys)
+            key_b = file_key(t.name, "B", t.layer.embedding_keys)
+            out[key_a] = torch.cat([tensors[key_a], A0.to(tensors[key_a])], 0)
+            out[key_b] = torch.cat([tensors[key_b], -B0.to(tensors[key_b])], 1)
+    factor = math.sqrt(2) if peft.get("use_rslora") else 2.0  # alpha/r or alpha/√r kept at rank 2r
+    peft["r"] *= 2
+    peft["lora_alpha"] *= factor
+    peft["rank_pattern"] = {k: 2 * v for k, v in (peft.get("rank_pattern") or {}).items()}
+    peft["alpha_pattern"] = {k: factor * v for k, v in (peft.get("alpha_pattern") or {}).items()}
+    peft["init_lora_weights"] = True
+    return out
 
 
 def _check_target(path: Path) -> None:

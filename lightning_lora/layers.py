@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused, fused_dora, quantized
+from .base_init import changes_base, principal_factors
 from .config import AdapterSpec
 from .delta import (
     Update,
@@ -87,6 +88,9 @@ class LoRALayer(nn.Module):
     for ``nn.Embedding``) instead of ``lora_A.weight`` / ``lora_B.weight``."""
 
     supports_dora: ClassVar[bool] = False
+
+    supports_base_init: ClassVar[bool] = False
+    """Whether ``init="pissa"``/``"olora"`` can run here (a wrapper that owns its host weight)."""
     """Whether this layer computes DoRA adapters (:class:`LoRALinear` does)."""
 
     def __init__(self, d_out: int, d_in: int, rows: tuple[int, int] | None = None) -> None:
@@ -99,6 +103,7 @@ class LoRALayer(nn.Module):
         self.specs: dict[str, AdapterSpec] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.initial: dict[str, tuple[Tensor, Tensor]] = {}  # A₀, B₀ of adapters whose init changed W
         self.adapters_disabled = False
 
     @property
@@ -127,6 +132,8 @@ class LoRALayer(nn.Module):
             raise LoRAStateError(f"this layer already has an adapter named {name!r}")
         if spec.use_dora and not self.supports_dora:  # injection refuses these first, naming the module
             raise LoRAStateError(f"{type(self).__name__} does not implement DoRA (use_dora=True)")
+        if changes_base(spec.init) and not self.supports_base_init:
+            raise LoRAStateError(f"{type(self).__name__} does not implement init={spec.init!r}")
         a_shape, b_shape = self.adapter_shapes(spec.r)
         self.lora_A[name] = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
         self.lora_B[name] = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=device))
@@ -147,6 +154,12 @@ class LoRALayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LoRAStateError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        if name in self.initial:
+            raise LoRAStateError(
+                f"adapter {name!r} was initialised with init={self.specs[name].init!r}, which moved the principal "
+                f"part of W into it: deleting it would leave the residual weight, not the pretrained one. Merge it "
+                f"(unload_lora(model, merge=True)) instead."
+            )
         del self.lora_A[name], self.lora_B[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
@@ -187,7 +200,13 @@ class LoRALayer(nn.Module):
         return self.lora_magnitude_vector.get(name)
 
     def reset_parameters(self) -> None:
-        """Re-draw every adapter as at creation: lets FSDP materialise meta-device adapters."""
+        """Re-draw every adapter as at creation: lets FSDP materialise meta-device adapters.
+        Refused for an adapter whose init changed ``W``: re-running it would subtract twice."""
+        if self.initial:
+            raise LoRAStateError(
+                f"adapters {sorted(self.initial)} were initialised from W (init={self.specs[next(iter(self.initial))].init!r}) "
+                f"and W was changed; they cannot be re-drawn. Inject them after the pretrained weights are loaded."
+            )
         for name in self.adapter_names:
             self.init_adapter(name)
 
@@ -313,6 +332,7 @@ class LoRALinear(LoRAWrapper):
     """
 
     supports_dora = True
+    supports_base_init = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         if self.transposed:  # transformers' Conv1D: weight (d_in, d_out)
@@ -333,10 +353,27 @@ class LoRALinear(LoRAWrapper):
     def init_adapter(self, name: str) -> None:
         """``A`` and ``B`` as :meth:`LoRALayer.init_adapter` draws them; a DoRA magnitude starts at
         ``‖W + s·B A‖``, so that ``W' = W + s·B A`` at step 0 (``W`` itself with ``B = 0``)."""
-        super().init_adapter(name)
+        if changes_base(self.specs[name].init):
+            self.move_principal_part(name)
+        else:
+            super().init_adapter(name)
         if name in self.lora_magnitude_vector:
             with torch.no_grad():
                 self.lora_magnitude_vector[name].copy_(self.weight_norm(name))
+
+    @torch.no_grad()
+    def move_principal_part(self, name: str) -> None:
+        """PiSSA / OLoRA (:mod:`lightning_lora.base_init`): ``A``, ``B`` from ``W``'s principal
+        part, ``W ← W − s·B A`` with the ``A``/``B`` as stored (so ``W + s·B A`` is the old ``W``
+        up to one rounding of ``W``'s dtype); ``A₀``, ``B₀`` are kept for the conversion to a
+        plain LoRA adapter at save."""
+        spec, weight = self.specs[name], self.host_weight()
+        A0, B0 = principal_factors(self.region(weight), spec.r, spec.scale, spec.init)
+        A, B = self.lora_A[name], self.lora_B[name]
+        A.copy_(A0.reshape(A.shape))
+        B.copy_(B0.reshape(B.shape))
+        self.write_region(weight, merged_block(self.region(weight), [self.update(name)], sign=-1.0))
+        self.initial[name] = (A.detach().clone(), B.detach().clone())
 
     def weight_norm(self, name: str) -> Tensor:
         """DoRA's ``‖W + s·B A‖`` per output feature, ``(d_out,)`` float32, computed without

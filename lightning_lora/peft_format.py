@@ -92,8 +92,9 @@ def check_peft_config(config: Any, file: Path) -> dict[str, Any]:
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterFileError(
             f"{file} was initialised with init_lora_weights={init!r}, which also changes the base "
-            f"weights; this adapter only fits that modified base. Convert it with PEFT "
-            f"(path_initial_model_for_weight_conversion) first."
+            f"weights; this adapter only fits that modified (residual) base. Save the plain-LoRA conversion "
+            f"for the original base instead: lightning-lora's save_adapter does by default "
+            f"(convert_base_init=True), PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=...)."
         )
     unknown = sorted(k for k in config if k not in HARMLESS_FIELDS and k not in MATH_FIELDS)
     ignored = [k for k in unknown if _is_default(config[k])]

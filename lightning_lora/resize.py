@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .adapter_file import AdapterFile, read_adapter
 from .advisor import RankSuggestion, spectra, suggest_ranks
+from .base_init import changes_base
 from .config import AdapterSpec
 from .errors import AdapterFileError, LoRAConfigError, LoRAStateError
 from .io import write_adapter_files
@@ -65,6 +66,11 @@ def resize_adapter(
     targets = [t for t in adapted_weights(model) if adapter_name in t.layer.specs and t.name in wanted]
     if config.use_dora:
         raise LoRAStateError(_DORA.format(what=f"adapter {adapter_name!r}"))
+    if changes_base(config.init):
+        raise LoRAStateError(
+            f"adapter {adapter_name!r} was initialised with init={config.init!r}, so its B A holds W's principal part, "
+            f"not a change of the model: save it (converted to plain LoRA) and resize that file instead."
+        )
     merged = [t.name for t in targets if adapter_name in t.layer.merged_adapters]
     if merged:
         raise LoRAStateError(f"adapter {adapter_name!r} is merged into {merged[0]!r}; unmerge_lora(model) first.")

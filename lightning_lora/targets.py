@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import base_init
 from .config import ALL_LINEAR, LoRAConfig
 from .errors import LoRATargetError
 from .layer_types import LINEAR_TYPES, READS_CHILD_WEIGHTS, SUPPORTED, layer_type
@@ -161,6 +162,8 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
     _refuse_inexact(chosen, spec)
     if config.use_dora:
         _refuse_dora(chosen, spec)
+    if base_init.changes_base(config.init):
+        _refuse_base_init(chosen, spec, config.init)
     names = {n for n, _, _ in chosen}
     # An out_proj inside a chosen MultiheadAttention is adapted with it, not on its own.
     chosen = [
@@ -249,6 +252,27 @@ def _refuse_dora(chosen: list[tuple[str, nn.Module, nn.Module | None]], spec: An
             raise LoRATargetError(
                 f"use_dora=True, but target_modules={spec!r} selects {name!r} ({type(base).__name__}): {reason}. "
                 f"Leave it out (exclude_modules=[{name!r}]), or set use_dora=False."
+            )
+
+
+def _refuse_base_init(chosen: list[tuple[str, nn.Module, nn.Module | None]], spec: Any, init: str) -> None:
+    """With a base-changing ``init`` (PiSSA, OLoRA), refuse a selected module it cannot rewrite
+    exactly (not a Linear or Conv1D wrapper, a weight its parent reads directly, a quantized or
+    non-float weight), naming it, the reason and the fix."""
+    for name, module, parent in chosen:
+        base = module.base_layer if isinstance(module, LoRAWrapper) else module
+        kind = layer_type(base)
+        wrapper = kind.wrapper if kind is not None else None
+        if wrapper is None or not wrapper.supports_base_init:
+            reason = f"init={init!r} is implemented for nn.Linear and transformers' Conv1D only, as in PEFT"
+        elif isinstance(parent, READS_CHILD_WEIGHTS):
+            reason = f"its parent {type(parent).__name__} reads its weight directly (a weight parametrization)"
+        else:
+            reason = base_init.refusal(base, wrapper.transposed, init)
+        if reason:
+            raise LoRATargetError(
+                f"init={init!r}, but target_modules={spec!r} selects {name!r} ({type(base).__name__}): {reason}. "
+                f"Leave it out (exclude_modules=[{name!r}]), or use init='zeros_b'."
             )
 
 

@@ -81,7 +81,10 @@ def test_a_malformed_config_field_is_refused_naming_the_file_field_and_value(ada
 
 
 def test_malformed_metadata_is_refused_naming_the_field(adapter):
-    refused(edited(adapter, metadata={"init": 5}), r"metadata field 'init' must be one of \['zeros_b', 'gaussian'\]")
+    refused(
+        edited(adapter, metadata={"init": 5}),
+        r"metadata field 'init' must be one of \['zeros_b', 'gaussian', 'pissa'.*found 5",
+    )
 
 
 def test_deeply_nested_json_is_refused_without_a_recursion_error(adapter):
