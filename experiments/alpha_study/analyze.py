@@ -36,7 +36,7 @@ def cells(sweep: Path) -> dict[tuple[int, float, bool], list[float]]:
         key = (
             int(override(overrides, "lora.r", "8")),
             float(override(overrides, "lora.alpha", "16")),
-            override(overrides, "lora.use_rslora", "false") == "true",
+            override(overrides, "lora.use_rslora", "false").lower() == "true",
         )
         out[key].append(job["m"]["val/acc"])
     return out
@@ -44,6 +44,27 @@ def cells(sweep: Path) -> dict[tuple[int, float, bool], list[float]]:
 
 def scale(r: int, alpha: float, rslora: bool) -> float:
     return alpha / (r**0.5 if rslora else r)
+
+
+def policy_table(grid: dict, ranks: list[int]) -> list[str]:
+    """The two rules side by side across ranks: alpha held at 16 (a column) and alpha/r held at 2
+    (the diagonal alpha = 2r), each with and without rsLoRA."""
+    rules = {
+        "alpha = 16 at every rank, alpha/r": lambda r: (r, 16.0, False),
+        "alpha = 2r (alpha/r = 2)": lambda r: (r, 2.0 * r, False),
+        "alpha = 16, rsLoRA alpha/√r": lambda r: (r, 16.0, True),
+        "alpha = 2r, rsLoRA": lambda r: (r, 2.0 * r, True),
+    }
+    lines = [
+        "**The rules across ranks** (validation accuracy %)",
+        "",
+        "| rule | " + " | ".join(f"r = {r}" for r in ranks) + " |",
+    ]
+    lines.append("|---|" + "---|" * len(ranks))
+    for name, key in rules.items():
+        cells = [fmt_pm(mean_std(grid[key(r)])) if grid.get(key(r)) else "—" for r in ranks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def main() -> None:
@@ -72,19 +93,25 @@ def main() -> None:
         for r in ranks:
             row = []
             for a in alphas:
+                if not grid.get((r, a, rslora)):
+                    row.append("—")
+                    continue
                 stats = mean_std(grid[(r, a, rslora)])
                 table[f"r={r},alpha={a:g},rslora={rslora}"] = {"val": stats, "scale": scale(r, a, rslora)}
                 row.append(f"{fmt_pm(stats)} ({scale(r, a, rslora):.2g})")
             lines.append(f"| {r} | " + " | ".join(row) + " |")
         lines.append("")
+    lines += policy_table(grid, ranks)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text("\n".join(lines))
     (args.out / "results.json").write_text(json.dumps(table, indent=1))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for ax, rslora in zip(axes, (False, True), strict=True):
         for r in ranks:
-            means = [100 * mean_std(grid[(r, a, rslora)])[0] for a in alphas]
-            stds = [100 * mean_std(grid[(r, a, rslora)])[1] for a in alphas]
-            ax.errorbar(alphas, means, yerr=stds, marker="o", capsize=3, label=f"r = {r}")
+            found = [a for a in alphas if grid.get((r, a, rslora))]
+            means = [100 * mean_std(grid[(r, a, rslora)])[0] for a in found]
+            stds = [100 * mean_std(grid[(r, a, rslora)])[1] for a in found]
+            ax.errorbar(found, means, yerr=stds, marker="o", capsize=3, label=f"r = {r}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("alpha")
         ax.set_title("rsLoRA (alpha/√r)" if rslora else "LoRA (alpha/r)")
