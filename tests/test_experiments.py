@@ -47,6 +47,8 @@ def test_variant_jobs_set_their_variant_on_the_rank_advisors_schedule():
     assert sweep("variants")["method"] == ["lora_dora", "lora_plus", "lora_rank_pattern", "lora_pissa"]
     assert job("variants", method="lora_dora", seed="1").lora.use_dora is True
     assert job("variants", method="lora_plus", seed="1").lora.loraplus_lr_ratio == 16
+    assert job("variants", method="lora_plus4", seed="1").lora.loraplus_lr_ratio == 4
+    assert job("variants", method="lora_pissa", seed="1").lora.init == "pissa"
     ranks = job("variants", method="lora_rank_pattern", seed="1").lora
     assert ranks.r == 4 and dict(ranks.rank_pattern) == {"query": 16, "value": 16}
     plain = job("rank_advisor", method="lora_r8", seed="1")

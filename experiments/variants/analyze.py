@@ -26,6 +26,7 @@ NAMES = {
     "lora_r8": "LoRA r=8 (plain)",
     "lora_dora": "DoRA r=8",
     "lora_plus": "LoRA+ r=8, λ=16",
+    "lora_plus4": "LoRA+ r=8, λ=4",
     "lora_rank_pattern": "per-layer ranks (16 on query/value, 4 elsewhere)",
     "lora_pissa": "PiSSA r=8",
 }
