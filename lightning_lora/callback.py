@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.types import LRSchedulerConfig
@@ -30,7 +31,7 @@ from .adapters import adapter_names
 from .checkpoint_io import enforce_weights_only
 from .config import LoRAConfig
 from .distributed import is_sharded, merge_gathered, save_adapter_gathered
-from .errors import LoRAConfigError, LoRAStateError
+from .errors import LoRAConfigError, LoRAStateError, LoRATargetError
 from .inject import inject_lora, unload_lora
 from .loraplus import apply_loraplus, check_ratio
 from .names import CHECKPOINT_KEY
@@ -170,7 +171,10 @@ class LoRACallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         enforce_weights_only(trainer)  # before any restore: checkpoints load as data
-        if stage == "fit" and is_overridden("configure_model", pl_module):
+        if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy):
+            # the module's configure_model applies fully_shard, which must find the adapters there
+            restore.chain_module_hook(pl_module, "configure_model", lambda: self.inject_first(pl_module), first=True)
+        elif stage == "fit" and is_overridden("configure_model", pl_module):
             restore.chain_module_hook(pl_module, "configure_model", lambda: self.inject(pl_module))
         elif stage == "fit":
             self.inject(pl_module)
@@ -261,6 +265,13 @@ class LoRACallback(Callback):
 
     def inject(self, pl_module: nn.Module) -> None:
         """Inject this callback's adapter into ``pl_module`` (once: a second ``fit`` finds it)."""
+        if is_sharded(pl_module) and self.adapter_name not in adapter_names(pl_module):
+            raise LoRAStateError(
+                "the model is already sharded (fully_shard / DTensor parameters): LoRA must be injected "
+                "before sharding, so the adapters are sharded and reduced with the rest. With "
+                "ModelParallelStrategy the callback injects before your configure_model; outside "
+                "Lightning call inject_lora before fully_shard."
+            )
         if self.adapter_name in adapter_names(pl_module):
             existing = lora_config(pl_module, self.adapter_name)
             if existing != self.config:
@@ -273,6 +284,18 @@ class LoRACallback(Callback):
             self.adapted = inject_lora(pl_module, self.config, adapter_name=self.adapter_name)
         self._root = resolve_root(pl_module, self.adapter_root)  # names while nothing wraps the model
         self.stats = parameter_stats(pl_module)  # counted now, before a sharding strategy splits them
+
+    def inject_first(self, pl_module: nn.Module) -> None:
+        """:meth:`inject` before the module's ``configure_model`` (``ModelParallelStrategy``): the
+        layers must exist by then, built in ``__init__``."""
+        try:
+            self.inject(pl_module)
+        except LoRATargetError as err:
+            raise LoRATargetError(
+                f"{err} Under ModelParallelStrategy LoRA is injected before your configure_model, since "
+                f"fully_shard there must find the adapters: build the layers in __init__ (on the meta device "
+                f"under trainer.init_module(empty_init=True) if they are large), and shard them in configure_model."
+            ) from err
 
     def before_restore(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Ready ``pl_module`` for the LoRA checkpoint about to load: inject the adapter into a

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from .dtensors import copy_whole_
+
 Update = tuple[Tensor, Tensor, float]
 """One adapter's ``(A (r, d_in), B (d_out, r), scale)``: what ΔW is made of."""
 
@@ -41,9 +43,8 @@ def init_lora_(A: Tensor, B: Tensor, init: str, a_std: float | None = None) -> N
         nn.init.normal_(b, std=0.01)
     else:  # LoRAConfig validates this; direct callers get the same answer.
         raise ValueError(f"unknown init {init!r}; use 'zeros_b' or 'gaussian'")
-    with torch.no_grad():
-        A.copy_(a)
-        B.copy_(b)
+    copy_whole_(A, a)  # into an FSDP2 shard too: every rank keeps its rows of rank 0's draw
+    copy_whole_(B, b)
 
 
 def delta_weight(A: Tensor, B: Tensor, scale: float, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -21,6 +21,15 @@ Training itself needs nothing from here. LoRA is injected before any strategy wr
   Linears units of their own avoids the waste but was slower still (one all-gather per Linear).
   Prefer DDP while the model fits on one GPU.
 
+* **FSDP2** (``fully_shard``, Lightning's ``ModelParallelStrategy``) keeps the module tree and
+  its names and makes every parameter a ``DTensor`` sharded on its first dimension, one per
+  parameter: frozen weights and adapters never share a tensor, so autograd computes gradients
+  for the adapters only and the LoRA layers keep their fast path (inside a forward FSDP2 hands
+  them plain, gathered weights). LoRA must be injected before ``fully_shard`` (the callback does,
+  under ``ModelParallelStrategy``), so the adapters are sharded and reduced with the rest.
+  Reading the adapter gathers its DTensors (:mod:`lightning_lora.dtensors`); merging gathers the
+  weights, merges, and scatters the result back into the shards.
+
 :func:`save_adapter_gathered` and :func:`merge_gathered` do both, and reduce to
 ``save_adapter`` / ``unload_lora`` when nothing is sharded. Call them on every rank.
 """
@@ -28,7 +37,7 @@ Training itself needs nothing from here. LoRA is injected before any strategy wr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,10 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoRAStateError
+from .dtensors import copy_whole_, is_dtensor, whole
 from .inject import unload_lora
 from .io import save_adapter
-from .layers import LoRALayer
+from .layers import AdapterParameters, LoRALayer
 from .merge import merge_lora
 from .names import WRAPPED_CHILD
 from .roots import served_name_or_path
@@ -102,36 +111,78 @@ def unwrapped_view(model: nn.Module) -> nn.Module:
     return view
 
 
+def _fsdp2_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    return FSDPModule
+
+
 def is_sharded(module: nn.Module) -> bool:
-    """Whether FSDP shards (part of) ``module``."""
-    fsdp = _fsdp_class()
-    return fsdp is not None and any(isinstance(m, fsdp) for m in module.modules())
+    """Whether FSDP (1 or 2), or any other ``DTensor`` layout, shards (part of) ``module``."""
+    wrappers = tuple(c for c in (_fsdp_class(), _fsdp2_class()) if c is not None)
+    return any(isinstance(m, wrappers) for m in module.modules()) or any(is_dtensor(p) for p in module.parameters())
 
 
-def _refuse_dtensors(modules: Iterable[nn.Module]) -> None:
-    for module in modules:
-        for name, p in module.named_parameters():
-            if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-                raise LoRAStateError(
-                    f"parameter {name!r} is a DTensor (FSDP2 / fully_shard, Lightning's "
-                    f"ModelParallelStrategy): lightning-lora gathers adapters of FSDP1 only "
-                    f"(Lightning's FSDPStrategy). Use FSDPStrategy, or gather with "
-                    f"torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True)."
-                )
+ParameterFilter = Callable[[nn.Module, nn.Parameter], bool]
+
+
+def _adapter_or_trainable(module: nn.Module, parameter: nn.Parameter) -> bool:
+    """What an adapter file holds: adapters (trained or not) and the modules trained in full."""
+    return isinstance(module, AdapterParameters) or parameter.requires_grad
 
 
 @contextmanager
-def full_parameters(root: nn.Module, writeback: bool = False) -> Iterator[None]:
+def _whole_dtensors(root: nn.Module, writeback: bool, select: ParameterFilter | None) -> Iterator[None]:
+    """FSDP2's :func:`full_parameters`: each selected DTensor parameter is replaced, under its
+    own name, by a plain parameter holding its whole value (one per tensor, so tied weights stay
+    tied); on exit the DTensors are put back, with the new values scattered into them if
+    ``writeback`` and the block did not raise."""
+    fsdp2 = _fsdp2_class()
+    for module in root.modules():  # the state between steps: every parameter a sharded DTensor
+        if fsdp2 is not None and isinstance(module, fsdp2):
+            module.reshard()
+    places = [
+        (module, name, p)
+        for module in root.modules()
+        for name, p in module._parameters.items()
+        if is_dtensor(p) and (select is None or select(module, p))
+    ]
+    wholes: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for module, name, p in places:
+            if id(p) not in wholes:
+                wholes[id(p)] = nn.Parameter(whole(p), requires_grad=p.requires_grad)
+            module._parameters[name] = wholes[id(p)]
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        written: set[int] = set()
+        for module, name, p in places:
+            module._parameters[name] = p
+            if writeback and not failed and id(p) not in written:
+                copy_whole_(p, wholes[id(p)])
+                written.add(id(p))
+
+
+@contextmanager
+def full_parameters(root: nn.Module, writeback: bool = False, select: ParameterFilter | None = None) -> Iterator[None]:
     """Inside the block every parameter under ``root`` is whole on every rank (a collective:
     every rank must enter). ``writeback=True`` writes changes back into the shards on exit.
     ``root`` is the outermost wrapped module, e.g. Lightning's ``trainer.strategy.model``;
-    a no-op when nothing is sharded."""
+    a no-op when nothing is sharded. Under FSDP2 ``select(module, parameter)`` limits the
+    gather to the parameters it accepts (FSDP1 gathers whole units)."""
     fsdp = _fsdp_class()
-    if fsdp is None or not is_sharded(root):
-        _refuse_dtensors([root])
-        yield
-        return
-    with fsdp.summon_full_params(root, writeback=writeback, recurse=True):
+    if fsdp is not None and any(isinstance(m, fsdp) for m in root.modules()):
+        with fsdp.summon_full_params(root, writeback=writeback, recurse=True):
+            yield
+    elif is_sharded(root):
+        with _whole_dtensors(root, writeback, select):
+            yield
+    else:
         yield
 
 
@@ -150,7 +201,7 @@ def save_adapter_gathered(
     to ``adapter_root`` (a submodule name, resolved before wrapping:
     :func:`~lightning_lora.roots.default_adapter_root`; ``None``: full names)."""
     base = served_name_or_path(model, adapter_root)  # read from the real module: a view has no config
-    with full_parameters(root, writeback=False):
+    with full_parameters(root, writeback=False, select=_adapter_or_trainable):
         if is_global_zero:
             return save_adapter(unwrapped_view(model), path, adapter_name, base, root=adapter_root)
     return None
@@ -165,7 +216,6 @@ def merge_gathered(root: nn.Module, model: nn.Module, adapter_names: str | Itera
     runs the base layers only (FSDP owns the parameter layout, so modules cannot be swapped
     back). Returns ``False``: the layers are still there."""
     if not is_sharded(root):
-        _refuse_dtensors([root])
         unload_lora(unwrap(model), merge=True)
         return True
     with full_parameters(root, writeback=True):

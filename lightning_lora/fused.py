@@ -152,21 +152,26 @@ class LoRALinearFunction(torch.autograd.Function):
             # The base multiplies with its own kernel (bitsandbytes dequantizes and calls a GEMM
             # in one op); autograd is off in here, so it saves nothing. The LoRA part is added
             # in place, the scale in the GEMM's alpha.
-            y = quantized_base(x2)
-            y.addmm_(a, B.t(), alpha=scaling)
+            y2 = quantized_base(x2)
+            y2.addmm_(a, B.t(), alpha=scaling)
+            y = y2.view(*lead, y2.shape[-1])
         else:
             # y = s · a Bᵀ (+ b): the scale rides in the GEMM's alpha (no kernel of its own);
-            # beta = 0 means y's uninitialised contents are never read.
+            # beta = 0 means y's uninitialised contents are never read. y is allocated in its
+            # final shape and filled through a 2-D view, so the output is no view itself (FSDP2
+            # warns about a wrapped module returning a view: in-place ops on it lose its hook).
+            y = a.new_empty(*lead, B.shape[0])
+            y2 = y.view(-1, B.shape[0])
             if bias is None:
-                y = a.new_empty(a.shape[0], B.shape[0]).addmm_(a, B.t(), beta=0, alpha=scaling)
+                y2.addmm_(a, B.t(), beta=0, alpha=scaling)
             else:
-                y = torch.addmm(bias, a, B.t(), alpha=scaling)
-            y.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
+                torch.addmm(bias, a, B.t(), alpha=scaling, out=y2)
+            y2.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
         ctx.save_for_backward(xa2, a, weight, A, B)  # weight is None over a quantized base
         ctx.scaling, ctx.quantized_base = scaling, quantized_base
         ctx.separate_adapter_input = x_adapter is not None
         ctx.x_shape, ctx.xa_shape = x.shape, (x_adapter.shape if x_adapter is not None else None)
-        return y.view(*lead, y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:

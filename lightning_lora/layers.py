@@ -64,6 +64,21 @@ from .delta import (
 from .errors import LoRAStateError
 
 
+class AdapterParameters(nn.ParameterDict):
+    """A LoRA layer's ``lora_A`` / ``lora_B`` / ``lora_magnitude_vector``: a ``ParameterDict``
+    whose ``reset_parameters`` re-draws its layer's adapters. Lightning's meta-device
+    materialisation (``ModelParallelStrategy``, Fabric) calls ``reset_parameters`` only on modules
+    that own parameters directly, which a LoRA layer does not: without this, adapters injected
+    on the meta device would train from uninitialised memory."""
+
+    def __init__(self, layer: LoRALayer) -> None:
+        super().__init__()
+        self.__dict__["_layer"] = layer  # not a submodule: the layer owns this dict, not the reverse
+
+    def reset_parameters(self) -> None:
+        self.__dict__["_layer"].reset_parameters()
+
+
 class LoRALayer(nn.Module):
     """The trainable part of LoRA for one frozen weight (or a block of its rows).
 
@@ -96,9 +111,9 @@ class LoRALayer(nn.Module):
     def __init__(self, d_out: int, d_in: int, rows: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.d_out, self.d_in, self.rows = d_out, d_in, rows
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
+        self.lora_A = AdapterParameters(self)
+        self.lora_B = AdapterParameters(self)
+        self.lora_magnitude_vector = AdapterParameters(self)  # DoRA adapters only
         self.merge_norms: dict[str, Tensor] = {}  # ‖W + s·B A‖ of each merged DoRA adapter, to unmerge it
         self.specs: dict[str, AdapterSpec] = {}
         self.active_adapters: list[str] = []

@@ -164,6 +164,8 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Selected]:
         _refuse_dora(chosen, spec)
     if base_init.changes_base(config.init):
         _refuse_base_init(chosen, spec, config.init)
+    if config.use_dora or base_init.changes_base(config.init):
+        _refuse_meta(chosen, f"use_dora={config.use_dora}, init={config.init!r}")
     names = {n for n, _, _ in chosen}
     # An out_proj inside a chosen MultiheadAttention is adapted with it, not on its own.
     chosen = [
@@ -252,6 +254,19 @@ def _refuse_dora(chosen: list[tuple[str, nn.Module, nn.Module | None]], spec: An
             raise LoRATargetError(
                 f"use_dora=True, but target_modules={spec!r} selects {name!r} ({type(base).__name__}): {reason}. "
                 f"Leave it out (exclude_modules=[{name!r}]), or set use_dora=False."
+            )
+
+
+def _refuse_meta(chosen: list[tuple[str, nn.Module, nn.Module | None]], what: str) -> None:
+    """Refuse an adapter computed from ``W`` (DoRA's magnitude, PiSSA's factors) on a module whose
+    weight is on the meta device: ``W`` holds no values yet, and the pretrained ones arrive later."""
+    for name, module, _ in chosen:
+        base = module.base_layer if isinstance(module, LoRAWrapper) else module
+        if any(p.is_meta for p in base.parameters(recurse=False)):
+            raise LoRATargetError(
+                f"{what} computes the adapter from W, but {name!r} is on the meta device (materialised "
+                f"and loaded only later, e.g. under trainer.init_module(empty_init=True)). Inject after the "
+                f"pretrained weights are loaded, or use a plain LoRA adapter (use_dora=False, init='zeros_b')."
             )
 
 

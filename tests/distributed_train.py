@@ -1,12 +1,15 @@
 """Two-process CPU (gloo) runs for tests/test_distributed.py; a script, because Lightning's DDP
 launcher re-executes the command that started it once per extra rank.
 
-    python tests/distributed_train.py ddp OUT    # Lightning Trainer, DDPStrategy, 2 processes
-    python tests/distributed_train.py fsdp OUT   # torch FSDP (FSDPStrategy's wrapper), 2 processes
+    python tests/distributed_train.py ddp OUT         # Lightning Trainer, DDPStrategy, 2 processes
+    python tests/distributed_train.py fsdp OUT        # FSDP1 wrappers and FSDP2 fully_shard by hand, 2 processes
+    python tests/distributed_train.py fsdp2 OUT       # Lightning ModelParallelStrategy (FSDP2), 2 processes
+    python tests/distributed_train.py fsdp2_meta OUT  # the same, the model built on the meta device
+    python tests/distributed_train.py fsdp2_late OUT  # 1 process: layers built in configure_model (refused)
 
 ``ddp`` writes OUT/probe.json (what each rank saw after backward) and OUT/adapter (saved by the
-callback on rank 0). ``fsdp`` writes OUT/fsdp.json and OUT/adapter (saved through
-``save_adapter_gathered`` from a sharded model).
+callback on rank 0). ``fsdp`` writes OUT/fsdp.json and OUT/adapter_<policy> (saved through
+``save_adapter_gathered`` from a sharded model). ``fsdp2*`` write OUT/fsdp2.json and OUT/adapter.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -24,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_lora import LoRACallback, inject_lora, lora_parameters
+from lightning_lora import LoRACallback, LoRALinear, inject_lora, lora_parameters
 from lightning_lora.distributed import frozen_linear_policy, merge_gathered, save_adapter_gathered
 from lightning_lora.io import adapter_tensors
 
@@ -109,7 +113,15 @@ def fit(devices: int, out: Path) -> Probe:
         r=4, alpha=8, target_modules="all-linear", adapter_dir=str(out / "adapter"), merge_on_fit_end=False
     )
     strategy = DDPStrategy(find_unused_parameters=False, process_group_backend="gloo") if devices > 1 else "auto"
-    trainer = L.Trainer(
+    trainer = _trainer(devices, strategy, out, [Reseed(), lora, probe])
+    trainer.fit(module)
+    if trainer.is_global_zero and devices > 1:
+        (out / "probe.json").write_text(json.dumps(probe.seen))
+    return probe
+
+
+def _trainer(devices: int, strategy: Any, out: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    return L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
@@ -118,14 +130,107 @@ def fit(devices: int, out: Path) -> Probe:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Reseed(), lora, probe],
+        callbacks=callbacks,
         default_root_dir=str(out),
         use_distributed_sampler=False,
     )
+
+
+# ------------------------------------------------------------------------------- FSDP2 (Lightning)
+
+
+class ShardedClassifier(TinyClassifier):
+    """TinyClassifier sharded as ModelParallelStrategy expects: ``fully_shard`` per layer, then the
+    root, in ``configure_model`` (LoRA is already injected when it runs)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class ShardProbe(L.Callback):
+    """What FSDP2 trains: at fit start (after meta-device materialisation) the adapters' initial
+    values; after the first backward which parameters are DTensors, which have gradients, and
+    which the optimizer holds."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, Any] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from lightning_lora.dtensors import whole
+
+        layers = [m for m in pl_module.modules() if isinstance(m, LoRALinear)]
+        self.seen["initial_B_zero"] = all(bool((whole(m.lora_B["default"]) == 0).all()) for m in layers)
+        self.seen["initial_A_in_kaiming_bound"] = all(
+            bool(whole(m.lora_A["default"]).abs().max() <= m.d_in**-0.5) and bool(whole(m.lora_A["default"]).std() > 0)
+            for m in layers
+        )
+        self.seen["meta_left"] = any(p.is_meta for p in pl_module.parameters())
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if "frozen_with_grad" in self.seen:
+            return
+        params = dict(pl_module.named_parameters())
+        lora = {id(p) for p in lora_parameters(pl_module)}
+        held = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        self.seen |= {
+            "world_size": trainer.world_size,
+            "all_dtensors": all(type(p).__name__ == "DTensor" for p in params.values()),
+            "frozen_with_grad": [n for n, p in params.items() if not p.requires_grad and p.grad is not None],
+            "n_frozen": sum(not p.requires_grad for p in params.values()),
+            "lora_with_grad": sum(p.grad is not None for p in params.values() if id(p) in lora),
+            "n_lora": len(lora),
+            "optimizer_holds_lora_only": {id(p) for p in held} == lora,
+        }
+
+
+class BuiltLate(ShardedClassifier):
+    """Builds its layers in configure_model, where FSDP2 users often build them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential()
+
+    def configure_model(self) -> None:
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+        super().configure_model()
+
+
+def fit_late(out: Path) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    lora = LoRACallback(r=4, target_modules="all-linear", adapter_dir=str(out / "adapter"))
+    trainer = _trainer(1, ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), out, [lora])
+    try:
+        trainer.fit(BuiltLate())
+        refusal = None
+    except Exception as err:  # the test reads the type and the message
+        refusal = f"{type(err).__name__}: {err}"
+    (out / "fsdp2.json").write_text(json.dumps({"refusal": refusal, "saved": (out / "adapter").exists()}))
+
+
+def fit_fsdp2(out: Path, meta: bool) -> None:
+    """Two processes, ModelParallelStrategy (FSDP2): the callback injects, saves and merges."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    probe = ShardProbe()
+    lora = LoRACallback(r=4, alpha=8, target_modules="all-linear", adapter_dir=str(out / "adapter"), report_merge=False)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    trainer = _trainer(2, strategy, out, [Reseed(), lora, probe])
+    with trainer.init_module(empty_init=meta):
+        module = ShardedClassifier()
     trainer.fit(module)
-    if trainer.is_global_zero and devices > 1:
-        (out / "probe.json").write_text(json.dumps(probe.seen))
-    return probe
+    x = dataset().tensors[0][:5]
+    with torch.no_grad():
+        merged = module.net(x)  # every rank: the forward all-gathers
+    if trainer.is_global_zero:
+        probe.seen |= {"x": x.tolist(), "merged": merged.tolist()}
+        (out / "fsdp2.json").write_text(json.dumps(probe.seen))
 
 
 # ------------------------------------------------------------------------------- FSDP
@@ -165,9 +270,22 @@ def _fsdp_round(rank: int, out: Path, policy_name: str) -> dict:
     with torch.no_grad():
         before = net(x)
     names_before = sorted(adapter_tensors(net))
-    policy = ModuleWrapPolicy({Block}) if policy_name == "blocks" else frozen_linear_policy({Block})
-    root = FSDP(net, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    if policy_name == "fully_shard":  # FSDP2, functional API: per block, then the root
+        from torch.distributed.fsdp import fully_shard
+
+        for block in net.blocks:
+            fully_shard(block)
+        root = fully_shard(net)
+    else:
+        policy = ModuleWrapPolicy({Block}) if policy_name == "blocks" else frozen_linear_policy({Block})
+        root = FSDP(net, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
     root(x).sum().backward()  # a training step's worth of sharded state
+    frozen_with_grad = [n for n, p in net.named_parameters() if not p.requires_grad and p.grad is not None]
+    try:  # a second adapter injected after sharding would be neither sharded nor reduced
+        LoRACallback(r=2, adapter_name="late").inject(net)
+        refusal = None
+    except Exception as err:  # the test reads the type and the message
+        refusal = f"{type(err).__name__}: {err}"
     mixed = 0  # units whose one flat parameter holds adapters and frozen weight matrices
     for unit in root.modules():
         handle = getattr(unit, "_handle", None) if isinstance(unit, FSDP) else None
@@ -177,7 +295,8 @@ def _fsdp_round(rank: int, out: Path, policy_name: str) -> dict:
                 len(s) > 1 and not p.requires_grad for p, s in zip(flat._params, flat._shapes, strict=True)
             )
             mixed += bool(frozen_matrix and any(p.requires_grad for p in flat._params))
-    shard_dims = sorted({p.dim() for p in lora_parameters(net)})
+    shard_dims = sorted({p.to_local().dim() if hasattr(p, "to_local") else p.dim() for p in lora_parameters(net)})
+    dtensors = all(type(p).__name__ == "DTensor" for p in net.parameters())
     save_adapter_gathered(root, net, out / f"adapter_{policy_name}", is_global_zero=rank == 0)
     with torch.no_grad():
         sharded = root(x)
@@ -193,13 +312,16 @@ def _fsdp_round(rank: int, out: Path, policy_name: str) -> dict:
         "names_before": names_before,
         "x": x.tolist(),
         "units_mixing_frozen_weights_and_adapters": int(mixed),
+        "frozen_with_grad": frozen_with_grad,
+        "dtensors": dtensors,
+        "late_injection": refusal,
     }
 
 
 def fsdp_worker(rank: int, out: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    report = {policy: _fsdp_round(rank, Path(out), policy) for policy in ("blocks", "split")}
+    report = {policy: _fsdp_round(rank, Path(out), policy) for policy in ("blocks", "split", "fully_shard")}
     if rank == 0:
         (Path(out) / "fsdp.json").write_text(json.dumps(report))
     torch.distributed.barrier()
@@ -219,5 +341,9 @@ if __name__ == "__main__":
         fit(devices=2, out=out_dir)
     elif mode == "fsdp":
         torch.multiprocessing.spawn(fsdp_worker, args=(str(out_dir), free_port()), nprocs=2)
+    elif mode in ("fsdp2", "fsdp2_meta"):
+        fit_fsdp2(out_dir, meta=mode == "fsdp2_meta")
+    elif mode == "fsdp2_late":
+        fit_late(out_dir)
     else:
-        raise SystemExit(f"unknown mode {mode!r}; use ddp or fsdp")
+        raise SystemExit(f"unknown mode {mode!r}; use ddp, fsdp, fsdp2, fsdp2_meta or fsdp2_late")

@@ -1,6 +1,7 @@
-"""LoRA beyond one device, through Lightning's strategies: DDP on two CPU processes (gloo), FSDP's
-sharded parameters gathered for saving and merging, and the unwrapped names adapters are saved
-under."""
+"""LoRA beyond one device, through Lightning's strategies: DDP on two CPU processes (gloo), FSDP1's
+flat shards and FSDP2's DTensors gathered for saving and merging (by hand and through
+ModelParallelStrategy, from real and from meta-device weights), and the unwrapped names adapters
+are saved under."""
 
 import json
 import os
@@ -14,11 +15,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from lightning_lora import LoRALinear, inject_lora, load_adapter, lora_parameters
+from lightning_lora import LoRALinear, LoRATargetError, inject_lora, load_adapter, lora_parameters
 from lightning_lora.distributed import merge_gathered, save_adapter_gathered, unwrap, unwrapped_view
 from lightning_lora.io import adapter_tensors
 
-from .distributed_train import Net, fit
+from .distributed_train import Net, TinyClassifier, fit
 
 HELPER = Path(__file__).with_name("distributed_train.py")
 
@@ -70,11 +71,14 @@ def fsdp_run(tmp_path_factory):
     return out, json.loads((out / "fsdp.json").read_text())
 
 
-@pytest.mark.parametrize("policy", ["blocks", "split"])
+@pytest.mark.parametrize("policy", ["blocks", "split", "fully_shard"])
 def test_fsdp_adapter_is_gathered_under_bare_names_and_reproduces_the_outputs(fsdp_run, policy):
     out, reports = fsdp_run
     report = reports[policy]
-    assert report["shard_dims"] == [1]  # between steps each rank holds flat 1-D shards only
+    if policy == "fully_shard":  # FSDP2: every parameter a DTensor, each rank holding rows of it
+        assert report["dtensors"] and report["shard_dims"] == [2]
+    else:
+        assert report["shard_dims"] == [1]  # FSDP1: between steps each rank holds flat 1-D shards only
     saved = load_file(out / f"adapter_{policy}" / "adapter_model.safetensors")
     assert sorted(saved) == report["names_before"]  # no "_fsdp_wrapped_module" in any key
     fresh = Net()  # same base weights (seed 0), adapter from the file
@@ -85,7 +89,7 @@ def test_fsdp_adapter_is_gathered_under_bare_names_and_reproduces_the_outputs(fs
     torch.testing.assert_close(torch.tensor(report["sharded"]), torch.tensor(report["before"]), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["blocks", "split"])
+@pytest.mark.parametrize("policy", ["blocks", "split", "fully_shard"])
 def test_fsdp_merge_writes_delta_w_into_the_shards_and_keeps_the_layers(fsdp_run, policy):
     report = fsdp_run[1][policy]
     assert report["unloaded"] is False
@@ -96,6 +100,71 @@ def test_lora_wrap_policy_keeps_frozen_weights_out_of_the_adapters_flat_paramete
     reports = fsdp_run[1]
     assert reports["blocks"]["units_mixing_frozen_weights_and_adapters"] > 0  # the problem it solves
     assert reports["split"]["units_mixing_frozen_weights_and_adapters"] == 0
+
+
+def test_fully_shard_keeps_frozen_weights_gradient_free_and_refuses_a_late_adapter(fsdp_run):
+    report = fsdp_run[1]["fully_shard"]
+    assert report["frozen_with_grad"] == [] and report["units_mixing_frozen_weights_and_adapters"] == 0
+    assert report["late_injection"].startswith("LoRAStateError: the model is already sharded")
+    assert "inject_lora before fully_shard" in report["late_injection"]
+
+
+# ------------------------------------------------------------------ FSDP2 through ModelParallelStrategy
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    runs = {}
+    for mode in ("fsdp2", "fsdp2_meta"):
+        out = tmp_path_factory.mktemp(mode)
+        run_two_processes(mode, out)
+        runs[mode] = out, json.loads((out / "fsdp2.json").read_text())
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2_meta"])
+def test_model_parallel_strategy_trains_only_the_sharded_adapters(fsdp2_runs, mode):
+    seen = fsdp2_runs[mode][1]
+    assert seen["world_size"] == 2 and seen["all_dtensors"]  # the adapters were sharded with the rest
+    assert seen["n_frozen"] > 0 and seen["frozen_with_grad"] == []
+    assert seen["lora_with_grad"] == seen["n_lora"] == 6
+    assert seen["optimizer_holds_lora_only"]
+
+
+def test_model_parallel_adapter_equals_one_process_on_the_same_global_batch(fsdp2_runs, tmp_path):
+    fit(devices=1, out=tmp_path)
+    two = load_file(fsdp2_runs["fsdp2"][0] / "adapter" / "adapter_model.safetensors")
+    one = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert two.keys() == one.keys() and len(two) == 6  # gathered whole, under the bare names
+    for key in one:  # as DDP: the gradient is averaged in another order (rounding, ~1e-8)
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6)
+
+
+def test_model_parallel_merge_at_fit_end_equals_the_base_plus_the_saved_adapter(fsdp2_runs):
+    """The sharded model, merged at fit end, computes what the saved adapter on one process does."""
+    out, seen = fsdp2_runs["fsdp2"]
+    fresh = TinyClassifier()  # seed 0: the base weights the run started from
+    load_adapter(fresh, out / "adapter")
+    with torch.no_grad():
+        expected = fresh.net(torch.tensor(seen["x"]))
+    torch.testing.assert_close(torch.tensor(seen["merged"]), expected, rtol=0, atol=1e-5)
+
+
+def test_meta_device_adapters_are_initialised_when_lightning_materialises_the_model(fsdp2_runs):
+    """Lightning calls reset_parameters only on modules holding parameters directly; the
+    adapters' dicts do, and re-draw their layer: B zero, A Kaiming-uniform, nothing left on meta."""
+    out, seen = fsdp2_runs["fsdp2_meta"]
+    assert seen["initial_B_zero"] and seen["initial_A_in_kaiming_bound"] and not seen["meta_left"]
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 6 and all(torch.isfinite(t).all() for t in saved.values())
+    assert all(torch.count_nonzero(t) > 0 for k, t in saved.items() if "lora_B" in k)  # it trained
+
+
+def test_model_parallel_refuses_layers_built_in_configure_model_and_says_where_to_build_them(tmp_path):
+    run_two_processes("fsdp2_late", tmp_path)
+    seen = json.loads((tmp_path / "fsdp2.json").read_text())
+    assert seen["refusal"].startswith("LoRATargetError") and not seen["saved"]
+    assert "build the layers in __init__" in seen["refusal"]
 
 
 def test_unwrapped_view_names_modules_as_the_bare_model():
@@ -136,3 +205,26 @@ def test_non_zero_ranks_write_nothing(tmp_path):
     inject_lora(net, r=2, target_modules="all-linear")
     assert save_adapter_gathered(net, net, tmp_path / "b", is_global_zero=False) is None
     assert not (tmp_path / "b").exists()
+
+
+def test_meta_device_adapters_are_drawn_when_materialised_as_lightning_does():
+    from lightning.fabric.utilities.init import _materialize_distributed_module
+
+    with torch.device("meta"):
+        net = Net()
+    inject_lora(net, r=2, target_modules="all-linear")
+    assert all(p.is_meta for p in lora_parameters(net))
+    _materialize_distributed_module(net, torch.device("cpu"))  # to_empty, then reset_parameters
+    for layer in (m for m in net.modules() if isinstance(m, LoRALinear)):
+        assert torch.count_nonzero(layer.lora_B["default"]) == 0
+        A = layer.lora_A["default"]
+        assert A.abs().max() <= layer.d_in**-0.5 and A.std() > 0  # Kaiming-uniform, not leftover memory
+
+
+@pytest.mark.parametrize("fields", [{"use_dora": True}, {"init": "pissa"}])
+def test_adapters_computed_from_w_are_refused_on_the_meta_device(fields):
+    with torch.device("meta"):
+        net = Net()
+    with pytest.raises(LoRATargetError, match="meta device"):
+        inject_lora(net, r=2, target_modules="all-linear", **fields)
+    assert not lora_parameters(net) and not any(isinstance(m, LoRALinear) for m in net.modules())
