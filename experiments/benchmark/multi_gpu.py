@@ -12,6 +12,13 @@ One strategy per invocation (Lightning's launcher re-executes this command for r
 * ``fsdp-split``: ``FSDPStrategy(auto_wrap_policy=frozen_linear_policy({LlamaDecoderLayer}))``:
   frozen Linears are units of their own, so no flat parameter mixes frozen weights and adapters
   (see ``lightning_lora.distributed`` for why that mixing costs).
+* ``fsdp2``: ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``; the module's
+  ``configure_model`` applies ``fully_shard`` to each ``LlamaDecoderLayer``, then to the root (the
+  callback has injected LoRA before it runs). Every parameter is a DTensor of its own.
+
+``--devices 1`` runs any of them on one GPU (a 1-rank mesh): no communication to speak of, so it
+shows what each strategy's bookkeeping and autograd cost, and proves the code path where only
+one GPU is lent.
 
 LoRA is injected by ``LoRACallback`` at ``setup``, before the strategy wraps the model. At the
 end of ``fit`` the callback saves the adapter through ``save_adapter_gathered`` (full parameters
@@ -90,6 +97,29 @@ class LitLM(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=self.device.type == "cuda")
+
+
+class ShardedLM(LitLM):
+    """For ``ModelParallelStrategy``: FSDP2, one ``fully_shard`` per decoder layer, then the
+    language model as the root. FSDP2 gathers a unit's weights in the hooks of its ``forward``,
+    so the training step calls the root's forward (not its submodules, as LitLM's does)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.lm.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.lm, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        logits = self.lm(input_ids=ids).logits.float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+    def configure_optimizers(self):
+        # fused AdamW has no DTensor kernel on every torch; foreach is the FSDP2 default
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, foreach=True)
 
 
 class RankBatches(Dataset):
@@ -180,24 +210,27 @@ class ProbingLoRACallback(LoRACallback):
             self._probe(trainer, pl_module, "merged")
 
 
-def make_strategy(name: str, cuda: bool):
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+def make_strategy(name: str, cuda: bool, devices: int):
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     if name == "ddp":
         return DDPStrategy(find_unused_parameters=False, process_group_backend=None if cuda else "gloo")
+    if name == "fsdp2":
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     policy = {LlamaDecoderLayer} if name == "fsdp" else frozen_linear_policy({LlamaDecoderLayer})
     return FSDPStrategy(auto_wrap_policy=policy, sharding_strategy="FULL_SHARD")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-split"], required=True)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-split", "fsdp2"], required=True)
+    parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", default="/tmp/lora_multi_gpu", help="adapters of each strategy (not returned)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--smoke", action="store_true", help="tiny model (CPU: ddp only)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model (CPU: ddp and fsdp2)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     shape = SMOKE if args.smoke else FULL
@@ -206,7 +239,7 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     adapter_dir = Path(args.work) / args.strategy
-    module = LitLM(shape, device)
+    module = (ShardedLM if args.strategy == "fsdp2" else LitLM)(shape, device)
     timer = StepTimer(args.warmup, args.steps)
     lora = ProbingLoRACallback(
         eval_ids(shape, device), r=16, alpha=32, target_modules=TARGETS, adapter_dir=str(adapter_dir)
@@ -214,8 +247,8 @@ def main() -> None:
     total = args.warmup + args.steps + 1
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",
-        devices=2,
-        strategy=make_strategy(args.strategy, cuda),
+        devices=args.devices,
+        strategy=make_strategy(args.strategy, cuda, args.devices),
         precision="bf16-true",
         max_steps=total,
         limit_val_batches=0,
@@ -261,7 +294,7 @@ def main() -> None:
     record = {
         "group": "multi",
         "config": f"LoRA + {args.strategy}",
-        "device": f"2× {torch.cuda.get_device_name()}" if cuda else "2× cpu",
+        "device": f"{args.devices}× {torch.cuda.get_device_name()}" if cuda else f"{args.devices}× cpu",
         "per_gpu_batch": f"{shape['batch']}×{shape['seq']}",
         "times": timer.times,
         "median_s": statistics.median(timer.times),
