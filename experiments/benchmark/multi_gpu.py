@@ -55,7 +55,7 @@ SMOKE = {"layers": 2, "hidden": 64, "intermediate": 160, "heads": 4, "vocab": 51
 EVAL_TOKENS = 256
 
 
-def build_model(shape: dict, device: torch.device):
+def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -72,7 +72,7 @@ def build_model(shape: dict, device: torch.device):
     torch.manual_seed(0)  # the same base weights on every rank and in the single-GPU check
     with device:
         model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16)
+    return model.to(dtype)
 
 
 def eval_ids(shape: dict, device: torch.device) -> torch.Tensor:
@@ -81,10 +81,10 @@ def eval_ids(shape: dict, device: torch.device) -> torch.Tensor:
 
 
 class LitLM(L.LightningModule):
-    def __init__(self, shape: dict, device: torch.device) -> None:
+    def __init__(self, shape: dict, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.shape = shape
-        self.lm = build_model(shape, device)
+        self.lm = build_model(shape, device, dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=ids).logits
@@ -226,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-split", "fsdp2"], required=True)
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--precision", default="bf16-true", help="32-true: checks that strategies agree to rounding")
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", default="/tmp/lora_multi_gpu", help="adapters of each strategy (not returned)")
     parser.add_argument("--steps", type=int, default=20)
@@ -239,7 +240,8 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     adapter_dir = Path(args.work) / args.strategy
-    module = (ShardedLM if args.strategy == "fsdp2" else LitLM)(shape, device)
+    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
+    module = (ShardedLM if args.strategy == "fsdp2" else LitLM)(shape, device, dtype)
     timer = StepTimer(args.warmup, args.steps)
     lora = ProbingLoRACallback(
         eval_ids(shape, device), r=16, alpha=32, target_modules=TARGETS, adapter_dir=str(adapter_dir)
@@ -249,7 +251,7 @@ def main() -> None:
         accelerator="gpu" if cuda else "cpu",
         devices=args.devices,
         strategy=make_strategy(args.strategy, cuda, args.devices),
-        precision="bf16-true",
+        precision=args.precision,
         max_steps=total,
         limit_val_batches=0,
         logger=False,
@@ -269,7 +271,7 @@ def main() -> None:
     if not trainer.is_global_zero:
         return
     # rank 0: the saved adapter on one GPU, from a fresh model
-    fresh = LitLM(shape, device).eval()  # the adapter's names start at the LightningModule ("lm.")
+    fresh = LitLM(shape, device, dtype).eval()  # the adapter's names start at the LightningModule ("lm.")
     load_adapter(fresh, adapter_dir)
     with torch.no_grad():
         single = fresh(eval_ids(shape, device)).float().cpu()
