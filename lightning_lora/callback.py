@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.types import LRSchedulerConfig
@@ -190,7 +190,16 @@ class LoRACallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not has_lora(pl_module):
             raise LoRAStateError("LoRACallback found no LoRA layers at fit start; was the model replaced after setup?")
-        if self.optimizer is not None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # DeepSpeed built its engine's optimizer from configure_optimizers in setup, over the
+            # parameters that require grad only (the adapters): it can be neither replaced nor edited.
+            if self.optimizer is not None or self.loraplus_lr_ratio is not None:
+                raise LoRAConfigError(
+                    "LoRACallback(optimizer=..., loraplus_lr_ratio=...) cannot act under DeepSpeedStrategy: "
+                    "DeepSpeed has wrapped the module's optimizer before the fit starts. Build it in "
+                    "configure_optimizers instead (lightning_lora.apply_loraplus there for LoRA+)."
+                )
+        elif self.optimizer is not None:
             self.replace_optimizers(trainer, pl_module)
         else:
             strip_frozen_parameters(trainer.optimizers, pl_module)

@@ -30,6 +30,12 @@ Training itself needs nothing from here. LoRA is injected before any strategy wr
   Reading the adapter gathers its DTensors (:mod:`lightning_lora.dtensors`); merging gathers the
   weights, merges, and scatters the result back into the shards.
 
+* **DeepSpeed** (Lightning's ``DeepSpeedStrategy``): ZeRO-1/2 leave the model whole (inside a
+  ``DeepSpeedEngine``, which :func:`unwrap` strips); ZeRO-3 partitions every parameter (empty
+  ``data``, a ``ds_id``), and reading or merging gathers them with DeepSpeed's
+  ``GatheredParameters``. DeepSpeed's optimizer holds the parameters that require grad only.
+  ``DeepSpeedStrategy(exclude_frozen_parameters=True)`` keeps the frozen base out of checkpoints.
+
 :func:`save_adapter_gathered` and :func:`merge_gathered` do both, and reduce to
 ``save_adapter`` / ``unload_lora`` when nothing is sharded. Call them on every rank.
 """
@@ -69,7 +75,7 @@ def _wrapped(module: nn.Module) -> nn.Module | None:
         inner = module._modules.get(name)
         if inner is not None:
             return inner
-    if isinstance(module, nn.parallel.DistributedDataParallel):
+    if isinstance(module, nn.parallel.DistributedDataParallel) or type(module).__name__ == "DeepSpeedEngine":
         return module.module
     return None
 
@@ -119,10 +125,18 @@ def _fsdp2_class() -> type | None:
     return FSDPModule
 
 
+def _zero3_partitioned(parameter: nn.Parameter) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned ``parameter`` (its data is then empty)."""
+    return hasattr(parameter, "ds_id")
+
+
 def is_sharded(module: nn.Module) -> bool:
-    """Whether FSDP (1 or 2), or any other ``DTensor`` layout, shards (part of) ``module``."""
+    """Whether FSDP (1 or 2), any other ``DTensor`` layout, or DeepSpeed ZeRO-3 shards (part of)
+    ``module``. (ZeRO-1/2 partition optimizer state and gradients only: the model is whole.)"""
     wrappers = tuple(c for c in (_fsdp_class(), _fsdp2_class()) if c is not None)
-    return any(isinstance(m, wrappers) for m in module.modules()) or any(is_dtensor(p) for p in module.parameters())
+    return any(isinstance(m, wrappers) for m in module.modules()) or any(
+        is_dtensor(p) or _zero3_partitioned(p) for p in module.parameters()
+    )
 
 
 ParameterFilter = Callable[[nn.Module, nn.Parameter], bool]
@@ -173,11 +187,25 @@ def full_parameters(root: nn.Module, writeback: bool = False, select: ParameterF
     """Inside the block every parameter under ``root`` is whole on every rank (a collective:
     every rank must enter). ``writeback=True`` writes changes back into the shards on exit.
     ``root`` is the outermost wrapped module, e.g. Lightning's ``trainer.strategy.model``;
-    a no-op when nothing is sharded. Under FSDP2 ``select(module, parameter)`` limits the
-    gather to the parameters it accepts (FSDP1 gathers whole units)."""
+    a no-op when nothing is sharded. Under FSDP2 and ZeRO-3 ``select(module, parameter)`` limits
+    the gather to the parameters it accepts (FSDP1 gathers whole units). ZeRO-3 writes back into
+    the partitions of the model, not into the optimizer's fp32 master copy: merge after training,
+    never before more steps on the same engine."""
     fsdp = _fsdp_class()
     if fsdp is not None and any(isinstance(m, fsdp) for m in root.modules()):
         with fsdp.summon_full_params(root, writeback=writeback, recurse=True):
+            yield
+    elif any(_zero3_partitioned(p) for p in root.parameters()):
+        import deepspeed
+
+        params = [
+            p
+            for module in root.modules()
+            for p in module._parameters.values()
+            if p is not None and _zero3_partitioned(p) and (select is None or select(module, p))
+        ]
+        # modifier_rank=0: rank 0's values are re-partitioned on exit (every rank computed the same)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if writeback else None):
             yield
     elif is_sharded(root):
         with _whole_dtensors(root, writeback, select):

@@ -58,7 +58,9 @@ def save_on_exception(
     directory = directory / FALLBACK
     stopped = f"fit stopped ({type(exception).__name__})"
     if is_sharded(trainer.strategy.model):  # gathering is a collective the healthy ranks will not join
-        rank_zero_warn(f"{stopped} with a sharded (FSDP) model: nothing saved to {directory}; use a checkpoint.")
+        rank_zero_warn(
+            f"{stopped} with a sharded model (FSDP, ZeRO-3): nothing saved to {directory}; use a checkpoint."
+        )
     elif trainer.is_global_zero:
         try:
             save_adapter(pl_module, directory, adapter_name, root=root)

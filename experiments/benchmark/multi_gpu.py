@@ -12,6 +12,8 @@ One strategy per invocation (Lightning's launcher re-executes this command for r
 * ``fsdp-split``: ``FSDPStrategy(auto_wrap_policy=frozen_linear_policy({LlamaDecoderLayer}))``:
   frozen Linears are units of their own, so no flat parameter mixes frozen weights and adapters
   (see ``lightning_lora.distributed`` for why that mixing costs).
+* ``deepspeed3``: ``DeepSpeedStrategy(stage=3, exclude_frozen_parameters=True)`` (ZeRO-3: every
+  parameter partitioned; the adapter gathered with DeepSpeed's ``GatheredParameters``).
 * ``fsdp2``: ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``; the module's
   ``configure_model`` applies ``fully_shard`` to each ``LlamaDecoderLayer``, then to the root (the
   callback has injected LoRA before it runs). Every parameter is a DTensor of its own.
@@ -199,7 +201,9 @@ class ProbingLoRACallback(LoRACallback):
         # FSDP: through the root, which gathers each unit's parameters as in training. DDP:
         # Lightning calls on_fit_end after the strategy's teardown moved the model to the CPU,
         # so back to this rank's GPU for the check.
-        model = root if is_sharded(root) else pl_module.to(trainer.strategy.root_device)
+        if type(trainer.strategy).__name__ in ("DDPStrategy", "DeepSpeedStrategy"):
+            pl_module.to(trainer.strategy.root_device)  # DeepSpeed's teardown moved the buffers too
+        model = root if is_sharded(root) else pl_module
         with torch.no_grad():
             self.probes[key] = model(self.probe_ids.to(trainer.strategy.root_device)).float().cpu()
 
@@ -210,7 +214,7 @@ class ProbingLoRACallback(LoRACallback):
             self._probe(trainer, pl_module, "merged")
 
 
-def make_strategy(name: str, cuda: bool, devices: int):
+def make_strategy(name: str, cuda: bool, devices: int, batch: int):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -218,13 +222,18 @@ def make_strategy(name: str, cuda: bool, devices: int):
         return DDPStrategy(find_unused_parameters=False, process_group_backend=None if cuda else "gloo")
     if name == "fsdp2":
         return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    if name == "deepspeed3":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        # the loader yields whole batches (batch_size=None): DeepSpeed is told the micro-batch
+        return DeepSpeedStrategy(stage=3, exclude_frozen_parameters=True, logging_batch_size_per_gpu=batch)
     policy = {LlamaDecoderLayer} if name == "fsdp" else frozen_linear_policy({LlamaDecoderLayer})
     return FSDPStrategy(auto_wrap_policy=policy, sharding_strategy="FULL_SHARD")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-split", "fsdp2"], required=True)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-split", "fsdp2", "deepspeed3"], required=True)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--precision", default="bf16-true", help="32-true: checks that strategies agree to rounding")
     parser.add_argument("--out", required=True)
@@ -250,7 +259,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=args.devices,
-        strategy=make_strategy(args.strategy, cuda, args.devices),
+        strategy=make_strategy(args.strategy, cuda, args.devices, shape["batch"]),
         precision=args.precision,
         max_steps=total,
         limit_val_batches=0,

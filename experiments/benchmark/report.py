@@ -298,20 +298,27 @@ def side_table(by: dict[str, dict], group: str, floor_name: str, reference_name:
     return lines
 
 
+STRATEGIES = ("ddp", "fsdp", "fsdp-split", "fsdp2", "deepspeed3")
+
+
 def multi_gpu_table(records: list[dict]) -> list[str]:
     multi = [r for r in records if r.get("group") == "multi"]
     if not multi:
         return []
     ddp = next((r for r in multi if r["config"] == "LoRA + ddp"), None)
     rows = [
-        f"Each strategy: `python experiments/benchmark/multi_gpu.py --strategy <ddp|fsdp|fsdp-split> --out OUT` "
-        f"on {multi[0].get('device', '?')} (torch {multi[0].get('torch')}, lightning {multi[0].get('lightning')}); "
-        f"LoRA injected by the callback at `setup`, before wrapping; precision bf16-true; "
+        f"Each strategy: `python experiments/benchmark/multi_gpu.py --strategy <{'|'.join(STRATEGIES)}> "
+        f"--devices N --out OUT` on {multi[0].get('device', '?')} (torch {multi[0].get('torch')}, lightning "
+        f"{multi[0].get('lightning')}), one process per strategy, in one device call; "
+        f"LoRA injected by the callback before wrapping or sharding; precision bf16-true; "
         f"{multi[0].get('per_gpu_batch')} tokens per GPU; 20 timed steps after 5. "
-        "*fsdp*: `auto_wrap_policy={LlamaDecoderLayer}`; *fsdp-split*: "
-        "`lightning_lora.distributed.frozen_linear_policy({LlamaDecoderLayer})` (frozen Linears in units of their own).",
+        "*fsdp*: `FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})`; *fsdp-split*: "
+        "`lightning_lora.distributed.frozen_linear_policy({LlamaDecoderLayer})` (frozen Linears in units of their own); "
+        "*fsdp2*: `ModelParallelStrategy`, `fully_shard` per decoder layer in `configure_model`; *deepspeed3*: "
+        "`DeepSpeedStrategy(stage=3, exclude_frozen_parameters=True)`. The last column compares bf16 adapters "
+        "after 26 AdamW steps: in fp32 (`--precision 32-true --smoke`, 2 CPU ranks) FSDP2's equals DDP's exactly.",
         "",
-        "| strategy | s/step (median; rank 0, rank 1) | × DDP | peak GiB per GPU (rank 0, rank 1) | saved adapter on 1 GPU vs sharded model (max abs diff of logits) | merged vs unmerged logits (rel.) | adapter vs DDP's (max rel.) |",
+        "| strategy | s/step (median, per rank) | × DDP | peak GiB per GPU (per rank) | saved adapter on 1 GPU vs sharded model (max abs diff of logits) | merged vs unmerged logits (rel.) | adapter vs DDP's (max rel.) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in multi:
@@ -382,7 +389,7 @@ def write_results(records: list[dict], info: dict, path: Path) -> None:
         lines += ["## QLoRA: the decoder in 4 bits (NF4, double quantization, bf16 compute)", "", *qlora, ""]
     multi = multi_gpu_table(records)
     if multi:
-        lines += ["## Two GPUs: DDP vs FSDP (Lightning strategies, LoRACallback)", "", *multi, ""]
+        lines += ["## Strategies: DDP, FSDP1, FSDP2, DeepSpeed ZeRO-3 (Lightning, LoRACallback)", "", *multi, ""]
     problems = [r for r in records if r.get("error")]
     if problems:
         lines += ["## Not measured", ""]
@@ -394,10 +401,15 @@ def write_results(records: list[dict], info: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("records", nargs="+")
-    parser.add_argument("--machine", required=True)
+    parser.add_argument("--machine", help="machine.json of a gpu_benchmark run; leave out for multi_gpu records only")
     parser.add_argument("--out", default="experiments/benchmark/RESULTS.md")
     args = parser.parse_args()
     records = [json.loads(line) for f in args.records for line in Path(f).read_text().splitlines() if line.strip()]
+    if args.machine is None:  # strategy runs alone: their table, with where it came from
+        sources = ", ".join(f"`{f}`" for f in args.records)
+        lines = ["# Lightning strategies with LoRA (generated)", "", f"From {sources}.", "", *multi_gpu_table(records)]
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        return
     write_results(records, json.loads(Path(args.machine).read_text()), Path(args.out))
 
 
