@@ -6,6 +6,7 @@ launcher re-executes the command that started it once per extra rank.
     python tests/distributed_train.py fsdp2 OUT       # Lightning ModelParallelStrategy (FSDP2), 2 processes
     python tests/distributed_train.py fsdp2_meta OUT  # the same, the model built on the meta device
     python tests/distributed_train.py fsdp2_late OUT  # 1 process: layers built in configure_model (refused)
+    python tests/distributed_train.py zero3 OUT       # DeepSpeed ZeRO-3 (or zero2) on CPU, 2 processes
 
 ``ddp`` writes OUT/probe.json (what each rank saw after backward) and OUT/adapter (saved by the
 callback on rank 0). ``fsdp`` writes OUT/fsdp.json and OUT/adapter_<policy> (saved through
@@ -40,6 +41,9 @@ class TinyClassifier(L.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -214,6 +218,66 @@ def fit_late(out: Path) -> None:
     (out / "fsdp2.json").write_text(json.dumps({"refusal": refusal, "saved": (out / "adapter").exists()}))
 
 
+# ------------------------------------------------------------------------------- DeepSpeed
+
+
+def cpu_deepspeed(stage: int) -> L.pytorch.strategies.Strategy:
+    """Lightning's DeepSpeedStrategy, allowed onto CPU processes (gloo) for this test only.
+
+    Lightning 2.6 refuses any accelerator but CUDA in ``setup_environment`` and takes the CUDA
+    device index as DeepSpeed's ``device_rank``; these three overrides lift exactly that, and
+    everything LoRA meets (``deepspeed.initialize``, ZeRO-3 partitioning, the engine, its
+    optimizer) is DeepSpeed's own code."""
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class CPUDeepSpeed(DeepSpeedStrategy):
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)
+
+        @property
+        def root_device(self) -> torch.device:
+            return torch.device("cpu", self.local_rank)
+
+        def setup_distributed(self) -> None:
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+    return CPUDeepSpeed(stage=stage, exclude_frozen_parameters=True, process_group_backend="gloo")
+
+
+class DeepSpeedProbe(L.Callback):
+    def __init__(self) -> None:
+        self.seen: dict[str, Any] = {}
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.seen:
+            return
+        params = dict(pl_module.named_parameters())
+        engine_optimizer = trainer.strategy.model.optimizer
+        held = {id(p) for group in engine_optimizer.param_groups for p in group["params"]}
+        self.seen = {
+            "engine": type(trainer.strategy.model).__name__,
+            "partitioned": all(hasattr(p, "ds_id") for p in params.values()),  # ZeRO-3 marks each
+            "optimizer_holds_frozen": any(id(p) in held for p in params.values() if not p.requires_grad),
+        }
+
+
+def fit_deepspeed(out: Path, stage: int) -> None:
+    probe = DeepSpeedProbe()
+    lora = LoRACallback(r=4, alpha=8, target_modules="all-linear", adapter_dir=str(out / "adapter"), report_merge=False)
+    trainer = _trainer(2, cpu_deepspeed(stage), out, [Reseed(), lora, probe])
+    module = TinyClassifier()
+    trainer.fit(module)
+    x = dataset().tensors[0][:5]
+    with torch.no_grad():
+        merged = trainer.strategy.model(x) if stage == 3 else module.net(x)  # ZeRO-3: through the engine
+    if trainer.is_global_zero:
+        probe.seen |= {"x": x.tolist(), "merged": merged.tolist()}
+        (out / "deepspeed.json").write_text(json.dumps(probe.seen))
+
+
 def fit_fsdp2(out: Path, meta: bool) -> None:
     """Two processes, ModelParallelStrategy (FSDP2): the callback injects, saves and merges."""
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -345,5 +409,7 @@ if __name__ == "__main__":
         fit_fsdp2(out_dir, meta=mode == "fsdp2_meta")
     elif mode == "fsdp2_late":
         fit_late(out_dir)
+    elif mode in ("zero2", "zero3"):
+        fit_deepspeed(out_dir, stage=int(mode[-1]))
     else:
-        raise SystemExit(f"unknown mode {mode!r}; use ddp, fsdp, fsdp2, fsdp2_meta or fsdp2_late")
+        raise SystemExit(f"unknown mode {mode!r}; use ddp, fsdp, fsdp2, fsdp2_meta, fsdp2_late, zero2 or zero3")

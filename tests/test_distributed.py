@@ -167,6 +167,44 @@ def test_model_parallel_refuses_layers_built_in_configure_model_and_says_where_t
     assert "build the layers in __init__" in seen["refusal"]
 
 
+# ------------------------------------------------------------------ DeepSpeed (where it is installed)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    pytest.importorskip("deepspeed", reason="deepspeed is not a dependency: pip install deepspeed to run these")
+    out = tmp_path_factory.mktemp("zero3")
+    run_two_processes("zero3", out)
+    return out, json.loads((out / "deepspeed.json").read_text())
+
+
+def test_zero3_partitions_everything_and_its_optimizer_holds_the_adapters_only(zero3_run):
+    seen = zero3_run[1]
+    assert seen["engine"] == "DeepSpeedEngine" and seen["partitioned"]
+    assert not seen["optimizer_holds_frozen"]
+
+
+def test_zero3_adapter_is_gathered_whole_and_equals_one_process(zero3_run, tmp_path):
+    """PEFT #453: under ZeRO-3 a plain state_dict holds empty partitions. Gathered, the adapter is
+    whole and equals a one-process run on the same global batch."""
+    fit(devices=1, out=tmp_path)
+    two = load_file(zero3_run[0] / "adapter" / "adapter_model.safetensors")
+    one = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert two.keys() == one.keys() and len(two) == 6
+    for key in one:
+        assert two[key].shape == one[key].shape
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6)
+
+
+def test_zero3_merge_at_fit_end_equals_the_base_plus_the_saved_adapter(zero3_run):
+    out, seen = zero3_run
+    fresh = TinyClassifier()
+    load_adapter(fresh, out / "adapter")
+    with torch.no_grad():
+        expected = fresh(torch.tensor(seen["x"]))
+    torch.testing.assert_close(torch.tensor(seen["merged"]), expected, rtol=0, atol=1e-5)
+
+
 def test_unwrapped_view_names_modules_as_the_bare_model():
     net = Net()
     inject_lora(net, r=2, target_modules="all-linear", init="gaussian")
