@@ -98,3 +98,16 @@ def readme_reference_table() -> dict[str, object]:
 def test_the_readme_reference_lists_every_field_and_option_with_its_default():
     expected = {k: v for k, v in schema_defaults().items() if k != "_target_"}
     assert readme_reference_table() == expected
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_output_directories():
+    """Hydra #1607: the default `${now:%Y-%m-%d_%H-%M-%S}` gives two jobs started in one second
+    one directory (and one Lightning log_dir, one adapter_dir). Ours carries microseconds."""
+    dirs = []
+    for _ in range(2):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", return_hydra_config=True)
+            dirs.append((OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.sweep.dir")))
+    (run_a, sweep_a), (run_b, sweep_b) = dirs
+    assert run_a != run_b and sweep_a != sweep_b
+    assert all(re.fullmatch(r".*/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", d) for d in (run_a, run_b, sweep_a))
