@@ -106,12 +106,14 @@ class ShardedLM(LitLM):
     language model as the root. FSDP2 gathers a unit's weights in the hooks of its ``forward``,
     so the training step calls the root's forward (not its submodules, as LitLM's does)."""
 
+    reshard_after_forward = True  # False: keep each layer gathered from forward to backward (ZeRO-2-like)
+
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
         for layer in self.lm.model.layers:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
         fully_shard(self.lm, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
@@ -235,6 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp-split", "fsdp2", "deepspeed3"], required=True)
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--no-reshard", action="store_true", help="fsdp2: reshard_after_forward=False")
     parser.add_argument("--precision", default="bf16-true", help="32-true: checks that strategies agree to rounding")
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", default="/tmp/lora_multi_gpu", help="adapters of each strategy (not returned)")
@@ -251,6 +254,8 @@ def main() -> None:
     adapter_dir = Path(args.work) / args.strategy
     dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
     module = (ShardedLM if args.strategy == "fsdp2" else LitLM)(shape, device, dtype)
+    if args.no_reshard:
+        module.reshard_after_forward = False
     timer = StepTimer(args.warmup, args.steps)
     lora = ProbingLoRACallback(
         eval_ids(shape, device), r=16, alpha=32, target_modules=TARGETS, adapter_dir=str(adapter_dir)
@@ -304,7 +309,9 @@ def main() -> None:
         notes["adapter_vs_ddp_adapter_rel_max"] = max(rel(mine[k].float(), ddp[k].float()) for k in ddp)
     record = {
         "group": "multi",
-        "config": f"LoRA + {args.strategy}",
+        "config": f"LoRA + {args.strategy}"
+        + (" (no reshard)" if args.no_reshard else "")
+        + (f" ({args.precision})" if args.precision != "bf16-true" else ""),
         "device": f"{args.devices}× {torch.cuda.get_device_name()}" if cuda else f"{args.devices}× cpu",
         "per_gpu_batch": f"{shape['batch']}×{shape['seq']}",
         "times": timer.times,
