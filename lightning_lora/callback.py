@@ -252,7 +252,10 @@ class LoRACallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Lightning calls this for full checkpoints only (not ``save_weights_only``)."""
         if has_lora(pl_module):  # else merged and unloaded at fit end: a plain model, saved whole
-            restore.mark_checkpoint(pl_module, checkpoint, self.adapter_name, self.config, self.full_checkpoints)
+            # ModelParallelStrategy restores through torch.distributed.checkpoint, which needs every
+            # key of the model in the checkpoint: adapter-only ones could be written, never resumed.
+            full = self.full_checkpoints or isinstance(trainer.strategy, ModelParallelStrategy)
+            restore.mark_checkpoint(pl_module, checkpoint, self.adapter_name, self.config, full)
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "adapter_name": self.adapter_name}

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .dtensors import is_dtensor
 from .errors import LoRAStateError
 from .layers import LoRAWrapper
 from .names import parse_file_key, parse_weight_name, weight_name
@@ -113,6 +114,8 @@ def _positions(shape: torch.Size, device: torch.device) -> tuple[Tensor, Tensor]
 
 
 def _sampled(target: AdaptedWeight) -> Tensor | None:
+    if is_dtensor(target.weight):  # FSDP2's shard: sampling it would be a collective; left out as FSDP1's
+        return None
     region = target.layer.region(target.weight)
     if (
         region.device.type == "meta"

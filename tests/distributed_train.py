@@ -6,6 +6,7 @@ launcher re-executes the command that started it once per extra rank.
     python tests/distributed_train.py fsdp2 OUT       # Lightning ModelParallelStrategy (FSDP2), 2 processes
     python tests/distributed_train.py fsdp2_meta OUT  # the same, the model built on the meta device
     python tests/distributed_train.py fsdp2_late OUT  # 1 process: layers built in configure_model (refused)
+    python tests/distributed_train.py fsdp2_resume OUT  # checkpoint under FSDP2, then resume from it
     python tests/distributed_train.py zero3 OUT       # DeepSpeed ZeRO-3 (or zero2) on CPU, 2 processes
 
 ``ddp`` writes OUT/probe.json (what each rank saw after backward) and OUT/adapter (saved by the
@@ -124,14 +125,16 @@ def fit(devices: int, out: Path) -> Probe:
     return probe
 
 
-def _trainer(devices: int, strategy: Any, out: Path, callbacks: list[L.Callback]) -> L.Trainer:
+def _trainer(
+    devices: int, strategy: Any, out: Path, callbacks: list[L.Callback], checkpoints: bool = False
+) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
         max_steps=STEPS,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
@@ -278,6 +281,23 @@ def fit_deepspeed(out: Path, stage: int) -> None:
         (out / "deepspeed.json").write_text(json.dumps(probe.seen))
 
 
+def fit_fsdp2_resume(out: Path) -> None:
+    """Two fits under ModelParallelStrategy: the first writes a (distributed) checkpoint at its last
+    step and saves the adapter; the second resumes from that checkpoint with nothing left to
+    train, so the adapter it saves is what the checkpoint restored."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    def run(adapter: str, callbacks: list[L.Callback], ckpt_path: str | None) -> None:
+        lora = LoRACallback(r=4, target_modules="all-linear", adapter_dir=str(out / adapter), merge_on_fit_end=False)
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        trainer = _trainer(2, strategy, out, [Reseed(), lora, *callbacks], checkpoints=bool(callbacks))
+        trainer.fit(ShardedClassifier(), ckpt_path=ckpt_path)
+
+    run("trained", [ModelCheckpoint(dirpath=str(out / "ckpt"), every_n_epochs=1)], None)
+    run("restored", [], str(next((out / "ckpt").iterdir())))
+
+
 def fit_fsdp2(out: Path, meta: bool) -> None:
     """Two processes, ModelParallelStrategy (FSDP2): the callback injects, saves and merges."""
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -409,7 +429,11 @@ if __name__ == "__main__":
         fit_fsdp2(out_dir, meta=mode == "fsdp2_meta")
     elif mode == "fsdp2_late":
         fit_late(out_dir)
+    elif mode == "fsdp2_resume":
+        fit_fsdp2_resume(out_dir)
     elif mode in ("zero2", "zero3"):
         fit_deepspeed(out_dir, stage=int(mode[-1]))
     else:
-        raise SystemExit(f"unknown mode {mode!r}; use ddp, fsdp, fsdp2, fsdp2_meta, fsdp2_late, zero2 or zero3")
+        raise SystemExit(
+            f"unknown mode {mode!r}; use ddp, fsdp, fsdp2, fsdp2_meta, fsdp2_late, fsdp2_resume, zero2 or zero3"
+        )

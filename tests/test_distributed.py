@@ -160,6 +160,19 @@ def test_meta_device_adapters_are_initialised_when_lightning_materialises_the_mo
     assert all(torch.count_nonzero(t) > 0 for k, t in saved.items() if "lora_B" in k)  # it trained
 
 
+def test_model_parallel_checkpoints_resume_the_adapter_exactly(tmp_path):
+    """torch.distributed.checkpoint restores only complete model state dicts, so under
+    ModelParallelStrategy the callback keeps the base in checkpoints (adapter-only ones could be
+    written but never resumed); resumed, the adapter is the one the checkpoint held, bit for bit."""
+    run_two_processes("fsdp2_resume", tmp_path)
+    trained = load_file(tmp_path / "trained" / "adapter_model.safetensors")
+    restored = load_file(tmp_path / "restored" / "adapter_model.safetensors")
+    assert trained.keys() == restored.keys() and len(trained) == 6
+    assert all(torch.count_nonzero(t) > 0 for k, t in trained.items() if "lora_B" in k)
+    for key in trained:
+        assert torch.equal(restored[key], trained[key])
+
+
 def test_model_parallel_refuses_layers_built_in_configure_model_and_says_where_to_build_them(tmp_path):
     run_two_processes("fsdp2_late", tmp_path)
     seen = json.loads((tmp_path / "fsdp2.json").read_text())
