@@ -6,6 +6,7 @@ launcher re-executes the command that started it once per extra rank.
     python tests/distributed_train.py fsdp2 OUT       # Lightning ModelParallelStrategy (FSDP2), 2 processes
     python tests/distributed_train.py fsdp2_meta OUT  # the same, the model built on the meta device
     python tests/distributed_train.py fsdp2_late OUT  # 1 process: layers built in configure_model (refused)
+    python tests/distributed_train.py fsdp2_models OUT  # fully_shard on Llama (tied), GPT-2, a ResNet
     python tests/distributed_train.py fsdp2_resume OUT  # checkpoint under FSDP2, then resume from it
     python tests/distributed_train.py zero3 OUT       # DeepSpeed ZeRO-3 (or zero2) on CPU, 2 processes
 
@@ -402,6 +403,78 @@ def _fsdp_round(rank: int, out: Path, policy_name: str) -> dict:
     }
 
 
+# ------------------------------------------------- FSDP2 on real architectures (functional API)
+
+REAL_MODELS = ("llama_tied", "gpt2", "resnet")
+
+
+def real_model(name: str) -> tuple[nn.Module, list[nn.Module], dict[str, Any], Any]:
+    """(model, blocks to shard, inject_lora keywords, its input) for each architecture, built
+    from its config with seed 0, as the one-process check in the test builds it again."""
+    from tests import hf_models
+
+    if name == "llama_tied":
+        model = hf_models.llama(tied=True)
+        return model, list(model.model.layers), {"target_modules": "all-linear"}, hf_models.ids()
+    if name == "gpt2":  # transformers' Conv1D
+        model = hf_models.gpt2()
+        return model, list(model.transformer.h), {"target_modules": "all-linear"}, hf_models.ids()
+    model = hf_models.resnet()  # convolutions
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return model, list(model.resnet.encoder.stages), {"target_modules": ["convolution"]}, pixels
+
+
+def model_output(model: nn.Module, x: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits if x.dtype == torch.long else model(pixel_values=x).logits
+
+
+def _fsdp2_real_round(rank: int, out: Path, name: str) -> dict:
+    """Inject, train-like adapters, shard by hand, one backward, gather-save, merge."""
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.hf_models import as_if_trained
+
+    model, blocks, fields, x = real_model(name)
+    inject_lora(model, r=4, alpha=8, **fields)
+    as_if_trained(model)
+    before = model_output(model, x)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    # a backward in eval mode: gradients flow, and BatchNorm keeps its running statistics
+    (model(x).logits if x.dtype == torch.long else model(pixel_values=x).logits).float().pow(2).mean().backward()
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    all_dtensors = all(type(p).__name__ == "DTensor" for p in model.parameters())  # resharded after backward
+    lora_without_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    save_adapter_gathered(model, model, out / name, is_global_zero=rank == 0)
+    without_grad_after_save = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    sharded = model_output(model, x)
+    merge_gathered(model, model)
+    merged = model_output(model, x)
+    tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.get_input_embeddings().weight
+    return {
+        "before": before.tolist(),
+        "sharded": sharded.tolist(),
+        "merged": merged.tolist(),
+        "frozen_with_grad": frozen_with_grad,
+        "all_dtensors": all_dtensors,
+        "lora_without_grad": lora_without_grad,
+        "lora_without_grad_after_save": without_grad_after_save,
+        "tied_after_merge": tied,
+    }
+
+
+def fsdp2_models_worker(rank: int, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    report = {name: _fsdp2_real_round(rank, Path(out), name) for name in REAL_MODELS}
+    if rank == 0:
+        (Path(out) / "fsdp2_models.json").write_text(json.dumps(report))
+    torch.distributed.barrier()
+    os._exit(0)
+
+
 def fsdp_worker(rank: int, out: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -429,11 +502,13 @@ if __name__ == "__main__":
         fit_fsdp2(out_dir, meta=mode == "fsdp2_meta")
     elif mode == "fsdp2_late":
         fit_late(out_dir)
+    elif mode == "fsdp2_models":
+        torch.multiprocessing.spawn(fsdp2_models_worker, args=(str(out_dir), free_port()), nprocs=2)
     elif mode == "fsdp2_resume":
         fit_fsdp2_resume(out_dir)
     elif mode in ("zero2", "zero3"):
         fit_deepspeed(out_dir, stage=int(mode[-1]))
     else:
         raise SystemExit(
-            f"unknown mode {mode!r}; use ddp, fsdp, fsdp2, fsdp2_meta, fsdp2_late, fsdp2_resume, zero2 or zero3"
+            f"unknown mode {mode!r}; use ddp, fsdp, fsdp2, fsdp2_meta, fsdp2_late, fsdp2_resume, fsdp2_models, zero2 or zero3"
         )
