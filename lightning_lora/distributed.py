@@ -147,6 +147,18 @@ def _adapter_or_trainable(module: nn.Module, parameter: nn.Parameter) -> bool:
     return isinstance(module, AdapterParameters) or parameter.requires_grad
 
 
+def _parameters_where(
+    root: nn.Module, test: Callable[[nn.Parameter], bool], select: ParameterFilter | None
+) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """``(module, name, parameter)`` for each parameter under ``root`` that ``test`` and ``select`` accept."""
+    return [
+        (module, name, p)
+        for module in root.modules()
+        for name, p in module._parameters.items()
+        if p is not None and test(p) and (select is None or select(module, p))
+    ]
+
+
 @contextmanager
 def _whole_dtensors(root: nn.Module, writeback: bool, select: ParameterFilter | None) -> Iterator[None]:
     """FSDP2's :func:`full_parameters`: each selected DTensor parameter is replaced, under its
@@ -157,12 +169,7 @@ def _whole_dtensors(root: nn.Module, writeback: bool, select: ParameterFilter | 
     for module in root.modules():  # the state between steps: every parameter a sharded DTensor
         if fsdp2 is not None and isinstance(module, fsdp2):
             module.reshard()
-    places = [
-        (module, name, p)
-        for module in root.modules()
-        for name, p in module._parameters.items()
-        if is_dtensor(p) and (select is None or select(module, p))
-    ]
+    places = _parameters_where(root, is_dtensor, select)
     wholes: dict[int, nn.Parameter] = {}
     with torch.no_grad():
         for module, name, p in places:
@@ -198,12 +205,7 @@ def full_parameters(root: nn.Module, writeback: bool = False, select: ParameterF
     elif any(_zero3_partitioned(p) for p in root.parameters()):
         import deepspeed
 
-        params = [
-            p
-            for module in root.modules()
-            for p in module._parameters.values()
-            if p is not None and _zero3_partitioned(p) and (select is None or select(module, p))
-        ]
+        params = [p for _, _, p in _parameters_where(root, _zero3_partitioned, select)]
         # modifier_rank=0: rank 0's values are re-partitioned on exit (every rank computed the same)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if writeback else None):
             yield

@@ -40,6 +40,5 @@ def copy_whole_(dst: Tensor, src: Tensor) -> None:
         if is_dtensor(dst):
             from torch.distributed.tensor import distribute_tensor
 
-            local = dst.to_local()
-            src = distribute_tensor(src.to(device=local.device, dtype=dst.dtype), dst.device_mesh, dst.placements)
+            src = distribute_tensor(src.to(device=dst.device, dtype=dst.dtype), dst.device_mesh, dst.placements)
         dst.copy_(src)

@@ -69,14 +69,17 @@ class AdapterParameters(nn.ParameterDict):
     whose ``reset_parameters`` re-draws its layer's adapters. Lightning's meta-device
     materialisation (``ModelParallelStrategy``, Fabric) calls ``reset_parameters`` only on modules
     that own parameters directly, which a LoRA layer does not: without this, adapters injected
-    on the meta device would train from uninitialised memory."""
+    on the meta device would train from uninitialised memory. The layer's ``lora_A`` re-draws it
+    (every adapter has an ``A``); the other dicts leave it to that one, so it is drawn once."""
 
     def __init__(self, layer: LoRALayer) -> None:
         super().__init__()
         self.__dict__["_layer"] = layer  # not a submodule: the layer owns this dict, not the reverse
 
     def reset_parameters(self) -> None:
-        self.__dict__["_layer"].reset_parameters()
+        layer = self.__dict__["_layer"]
+        if layer.lora_A is self:
+            layer.reset_parameters()
 
 
 class LoRALayer(nn.Module):
