@@ -88,6 +88,7 @@ _EXTRAS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mha_projections": (lambda v: isinstance(v, list) and set(v) <= set(MHA_PROJECTIONS) and v, "a subset of q, k, v"),
     "adapter_dtype": (lambda v: v is None or v in ADAPTER_DTYPES, f"null or one of {list(ADAPTER_DTYPES)}"),
     "config": (lambda v: isinstance(v, dict), "an object"),
+    "freeze_a": (lambda v: isinstance(v, bool), "true or false"),
     "fan_in_fan_out": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of weight names"),
     "root": (lambda v: v is None or isinstance(v, str), "null or a module name"),
     METADATA_FIELD: (lambda v: isinstance(v, dict), "an object"),

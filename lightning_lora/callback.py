@@ -75,6 +75,8 @@ class LoRACallback(Callback):
         rank_pattern: per-weight ranks, ``{name or pattern: r}`` (PEFT's rule; ``None``: none).
         alpha_pattern: per-weight ``alpha``, matched as ``rank_pattern`` (``None``: none).
         use_dora: DoRA: also train a magnitude per output feature (``nn.Linear``/``Conv1D`` only).
+        freeze_a: LoRA-FA: ``A`` keeps its initial value, only ``B`` trains, and backward keeps
+            ``x Aᵀ`` instead of each adapted layer's input.
         merge_on_fit_end: merge ``ΔW`` into ``W`` and remove the LoRA layers once ``fit`` ends.
         adapter_dir: where ``fit`` saves the adapter; ``None``: ``<trainer.log_dir>/lora_adapter``
             (``default_root_dir`` without a logger). Checked at fit start: writable, and holding
@@ -125,6 +127,7 @@ class LoRACallback(Callback):
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
         use_dora: bool = LoRAConfig.use_dora,
+        freeze_a: bool = LoRAConfig.freeze_a,
         merge_on_fit_end: bool = True,
         adapter_dir: str | None = None,
         adapter_root: str | None = AUTO,

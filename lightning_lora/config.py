@@ -126,6 +126,13 @@ class LoRAConfig:
     ``m``. PEFT's ``use_dora``, with the same math and files. ``nn.Linear`` and transformers'
     ``Conv1D`` only, on the reference path (not the fused one); refused by name elsewhere."""
 
+    freeze_a: bool = False
+    """Keep ``A`` at its initial value and train ``B`` only (LoRA-FA, Zhang et al. 2023,
+    arXiv 2308.03303). Half the trainable parameters, and less activation memory: ``dA`` is the
+    only gradient that needs an adapted layer's input, so backward keeps ``x Aᵀ`` (``r`` columns)
+    instead of ``x``. ``A`` is still saved with ``B``, so the files are PEFT's as usual. Costs
+    accuracy at a given rank (measured in ``experiments/variants/``)."""
+
     def __post_init__(self) -> None:
         self.r = _positive_int("r", self.r, "the rank of A and B, e.g. r=8")
         self.alpha = _positive_number("alpha", self.alpha, "the scale numerator, e.g. alpha=16")
@@ -135,10 +142,9 @@ class LoRAConfig:
         self.trainable_modules = _names("trainable_modules", self.trainable_modules)
         self.init = _init(self.init)
         self.mha_projections = _projections(self.mha_projections)
-        if not isinstance(self.use_rslora, bool):
-            raise LoRAConfigError(f"LoRAConfig.use_rslora must be true or false, got {self.use_rslora!r}.")
-        if not isinstance(self.use_dora, bool):
-            raise LoRAConfigError(f"LoRAConfig.use_dora must be true or false, got {self.use_dora!r}.")
+        for flag in ("use_rslora", "use_dora", "freeze_a"):
+            if not isinstance(getattr(self, flag), bool):
+                raise LoRAConfigError(f"LoRAConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
         if self.adapter_dtype is not None:
             self.adapter_dtype = _choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         self.rank_pattern = _pattern(

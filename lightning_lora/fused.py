@@ -13,10 +13,11 @@ work changes. It is plain LoRA's: a DoRA adapter (``use_dora``) always takes the
               dA = gᵀ x                  (r, d_in)
               dx = g A;  dx += dy W      (N, d_in)   the frozen GEMM again adds into the LoRA part
 
-Saved for backward: ``x`` (by reference: the layer's input), ``a`` (``N × r``, small), ``W``,
-``A``, ``B``. Autograd over the plain formula does the same GEMMs plus three passes over
-``N × d`` tensors that this one avoids: the add of the LoRA output into ``y``, the ``dy · s``
-in backward, and the sum of the two ``dx`` parts. The scale ``s`` is the ``alpha`` of a GEMM
+Saved for backward: ``x`` (by reference: the layer's input; not at all when ``A`` is frozen, as
+with ``freeze_a``: only ``dA`` reads it), ``a`` (``N × r``, small), ``W``, ``A``, ``B``. Autograd
+over the plain formula does the same GEMMs plus three passes over ``N × d`` tensors that this one
+avoids: the add of the LoRA output into ``y``, the ``dy · s`` in backward, and the sum of the two
+``dx`` parts. The scale ``s`` is the ``alpha`` of a GEMM
 (with ``beta = 0`` into a fresh buffer), so it costs no kernel at all.
 
 With dropout on the adapter's input, ``x_adapter = dropout(x)`` comes in as its own tensor (drawn
@@ -167,7 +168,9 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 torch.addmm(bias, a, B.t(), alpha=scaling, out=y2)
             y2.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
-        ctx.save_for_backward(xa2, a, weight, A, B)  # weight is None over a quantized base
+        # The input is needed for dA only: with A frozen (LoRA-FA) backward keeps just a = x Aᵀ.
+        saved_x = xa2 if ctx.needs_input_grad[3] else None
+        ctx.save_for_backward(saved_x, a, weight, A, B)  # weight is None over a quantized base
         ctx.scaling, ctx.quantized_base = scaling, quantized_base
         ctx.separate_adapter_input = x_adapter is not None
         ctx.x_shape, ctx.xa_shape = x.shape, (x_adapter.shape if x_adapter is not None else None)

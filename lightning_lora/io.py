@@ -13,7 +13,7 @@ shapes: a conv's ``lora_A`` is a kernel ``(r, in, *k)`` and its ``lora_B`` a 1×
 ``peft.PeftModel.from_pretrained`` loads our files, and
 :func:`~lightning_lora.load.load_adapter` loads what PEFT's ``save_pretrained`` writes
 (:mod:`lightning_lora.peft_format` says which files are accepted). What PEFT has no field for
-(our ``init``, ``mha_projections``, ``adapter_dtype``, which weights are stored transposed, the
+(our ``init``, ``mha_projections``, ``adapter_dtype``, ``freeze_a``, which weights are stored transposed, the
 adapter root, the block layout of MHA adapters)
 rides in the safetensors metadata, which PEFT ignores, together with a copy of the fields that
 set the math, so a pair of files from two different saves is detected.
@@ -144,6 +144,8 @@ def save_adapter(
     }
     if init != config.init:
         extras["converted_from"] = config.init
+    if config.freeze_a:  # a training choice PEFT has no field for: training resumed from the file keeps it
+        extras["freeze_a"] = True
     merged = {name: [r.digest for r in records] for name, records in merge_records(model).items()}
     if merged:
         extras["merged_into_base"] = merged

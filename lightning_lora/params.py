@@ -64,12 +64,22 @@ def mark_only_lora_as_trainable(
     adapter_name: str | Iterable[str] | None = None,
     trainable_modules: Iterable[str] = (),
 ) -> None:
-    """``requires_grad`` on the given adapters' parameters and the named modules, off elsewhere."""
-    keep = {id(p) for p in lora_parameters(model, adapter_name)}
+    """``requires_grad`` on the given adapters' parameters and the named modules, off elsewhere:
+    on ``B`` but not ``A`` for an adapter whose config has ``freeze_a`` (LoRA-FA)."""
+    keep = {id(p) for p in lora_parameters(model, adapter_name)} - {id(p) for p in _frozen_a(model)}
     for module_name in resolve_modules(model, list(trainable_modules), "trainable_modules"):
         keep.update(id(p) for p in model.get_submodule(module_name).parameters())
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
+
+
+def _frozen_a(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The ``A`` of every adapter configured with ``freeze_a``: drawn once, never trained."""
+    state = lora_state(model)
+    for target in adapted_weights(model):
+        for name in target.layer.adapter_names:
+            if state is not None and name in state.configs and state.configs[name].freeze_a:
+                yield target.layer.adapter_parameters(name)["A"]
 
 
 def adapter_entries(

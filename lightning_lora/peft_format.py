@@ -257,6 +257,7 @@ def config_for_file(model: nn.Module, file: AdapterFile) -> LoRAConfig:
             use_rslora=bool(peft.get("use_rslora", False)),
             use_dora=peft.get("use_dora") is True,  # type-checked: a JSON boolean
             adapter_dtype=dtype,
+            freeze_a=extras.get("freeze_a", False),
         )
     except (TypeError, ValueError) as err:
         raise AdapterFileError(f"{file.path / ADAPTER_CONFIG}: {err}") from None

@@ -66,9 +66,20 @@ class Shape:
     vocab: int = 32000
     batch: int = 8
     seq: int = 1024
+    kv_heads: int | None = None  # grouped-query attention; None: as many as ``heads``
+    name: str = "953M"
 
 
 SMOKE = Shape(layers=2, hidden=64, intermediate=160, heads=4, vocab=512, batch=2, seq=32)
+# The regime most users train in: four decoder layers of Llama-3-8B (hidden 4096, intermediate
+# 14336, grouped-query attention 32/8, vocab 128256), same batch. The layers have 8B's shapes;
+# there are only four of them, so that one H100/H200 holds the full fine-tune row too.
+LLAMA3_8B_LAYERS = Shape(
+    layers=4, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, name="8B-layers"
+)
+SMOKE_8B = Shape(
+    layers=2, hidden=128, intermediate=448, heads=8, kv_heads=2, vocab=1024, batch=2, seq=32, name="8B-layers"
+)
 
 
 # ----------------------------------------------------------------------------------- plumbing
@@ -80,6 +91,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.shape = SMOKE if args.smoke else Shape()
+        self.shape_8b = SMOKE_8B if args.smoke else LLAMA3_8B_LAYERS
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16
@@ -87,12 +99,26 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.records_file = self.out / "records.jsonl"
         self.started = time.monotonic()
+        self._use(self.shape)
+
+    def _use(self, shape: Shape) -> None:
+        """Make ``shape`` the model and batch every run builds (token ids drawn with seed 0)."""
+        self.shape = shape
         g = torch.Generator().manual_seed(0)
-        s = self.shape
-        self.ids_cpu = torch.randint(0, s.vocab, (s.batch, s.seq), generator=g)
-        self.labels_cpu = torch.randint(0, s.vocab, (s.batch, s.seq), generator=g)
+        self.ids_cpu = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g)
+        self.labels_cpu = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g)
         self.ids = self.ids_cpu.to(self.device)
         self.labels = self.labels_cpu.to(self.device)
+
+    @contextlib.contextmanager
+    def using(self, shape: Shape):
+        """Run a block on another model shape (the 8B-class rows), then restore the default."""
+        before = self.shape
+        self._use(shape)
+        try:
+            yield
+        finally:
+            self._use(before)
 
     def left_s(self) -> float:
         return self.args.budget_s - (time.monotonic() - self.started)
@@ -162,7 +188,7 @@ def build_model(bench: Bench, device: torch.device | None = None):
         intermediate_size=s.intermediate,
         num_hidden_layers=s.layers,
         num_attention_heads=s.heads,
-        num_key_value_heads=s.heads,
+        num_key_value_heads=s.kv_heads or s.heads,
         max_position_embeddings=s.seq,
         use_cache=False,
         attn_implementation="sdpa",
@@ -199,10 +225,10 @@ def make_trainable(setup: str, model):
     if setup == "full":
         model.requires_grad_(True)
         return model, list(model.parameters()), None
-    if setup in ("ours", "ours-fp32", "ours-dora"):
+    if setup in ("ours", "ours-fp32", "ours-dora", "ours-fa"):
         dtype = "float32" if setup == "ours-fp32" else None
-        dora = {"use_dora": True} if setup == "ours-dora" else {}
-        inject_lora(model, r=R, alpha=ALPHA, target_modules=TARGETS, adapter_dtype=dtype, **dora)
+        variant = {"ours-dora": {"use_dora": True}, "ours-fa": {"freeze_a": True}}.get(setup, {})
+        inject_lora(model, r=R, alpha=ALPHA, target_modules=TARGETS, adapter_dtype=dtype, **variant)
         return model, [p for p in model.parameters() if p.requires_grad], None
     if setup in ("peft-default", "peft-bf16", "peft-dora"):
         from peft import LoraConfig, get_peft_model
@@ -269,6 +295,7 @@ def run_functional(
         group=group,
         config=name,
         setup=setup,
+        shape=bench.shape.name,
         via="functional" + (", bf16 autocast" if autocast else ""),
         compiled=compiled,
         cuda_graphs=graphs,
@@ -475,6 +502,7 @@ def machine(bench: Bench) -> dict:
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name() if bench.cuda else platform.processor() or "cpu",
         "shape": asdict(bench.shape),
+        "shape_8b": asdict(bench.shape_8b),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -491,9 +519,21 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
     eager = 20 if bench.cuda else 5
     comp = 40 if bench.cuda else 30
     b = bench
+
+    def on_8b(run: Callable[[], None]) -> Callable[[], None]:
+        def wrapped() -> None:
+            with b.using(b.shape_8b):
+                run()
+
+        return wrapped
+
+    def train_8b(name: str, setup: str, compiled: bool, mode: str = "auto") -> Callable[[], None]:
+        return on_8b(lambda: run_functional(b, f"8B {name}", setup, compiled, mode, False, group="8b"))
+
     return [
         ("floor eager", eager, lambda: run_functional(b, "floor eager", "floor", False, "auto", True)),
         ("ours eager", eager, lambda: run_functional(b, "ours eager", "ours", False, "auto", True)),
+        ("ours lora-fa eager", eager, lambda: run_functional(b, "ours LoRA-FA eager", "ours-fa", False, "auto", True)),
         ("ours callback eager", eager + 10, lambda: run_callback(b, "ours callback eager", False)),
         ("peft-default eager", eager, lambda: run_functional(b, "peft-default eager", "peft-default", False, "auto", False)),
         ("peft-bf16 eager", eager, lambda: run_functional(b, "peft-bf16 eager", "peft-bf16", False, "auto", False)),
@@ -505,11 +545,23 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
         ("micro", 40 if bench.cuda else 10, lambda: run_layer_micro(b)),
         ("floor compiled", comp, lambda: run_functional(b, "floor compiled", "floor", True, "auto", True)),
         ("ours compiled", comp, lambda: run_functional(b, "ours compiled", "ours", True, "auto", True)),
+        ("ours lora-fa compiled", comp, lambda: run_functional(b, "ours LoRA-FA compiled", "ours-fa", True, "auto", False)),
         ("ours callback compiled", comp, lambda: run_callback(b, "ours callback compiled", True)),
         ("ours compiled function", comp, lambda: run_functional(b, "ours compiled, Function forced", "ours", True, "always", False)),
         ("peft-bf16 compiled", comp, lambda: run_functional(b, "peft-bf16 compiled", "peft-bf16", True, "auto", False)),
         ("floor compiled graphs", comp, lambda: run_functional(b, "floor compiled + CUDA graphs", "floor", True, "auto", False, True)),
         ("ours compiled graphs", comp, lambda: run_functional(b, "ours compiled + CUDA graphs", "ours", True, "auto", False, True)),
+        ("8b floor eager", 2 * eager, train_8b("floor eager", "floor", False)),
+        ("8b ours eager", 2 * eager, train_8b("ours eager", "ours", False)),
+        ("8b ours lora-fa eager", 2 * eager, train_8b("ours LoRA-FA eager", "ours-fa", False)),
+        ("8b peft-bf16 eager", 2 * eager, train_8b("peft-bf16 eager", "peft-bf16", False)),
+        ("8b peft-default eager", 2 * eager, train_8b("peft-default eager", "peft-default", False)),
+        ("8b ours eager reference", 2 * eager, train_8b("ours eager, reference path", "ours", False, "never")),
+        ("8b micro", 60 if bench.cuda else 10, on_8b(lambda: run_layer_micro(b))),
+        ("8b floor compiled", comp, train_8b("floor compiled", "floor", True)),
+        ("8b ours compiled", comp, train_8b("ours compiled", "ours", True)),
+        ("8b ours lora-fa compiled", comp, train_8b("ours LoRA-FA compiled", "ours-fa", True)),
+        ("8b peft-bf16 compiled", comp, train_8b("peft-bf16 compiled", "peft-bf16", True)),
         ("ours-fp32 eager", eager, lambda: run_functional(b, "ours fp32 adapters eager", "ours-fp32", False, "auto", False)),
         ("floor autocast", eager, lambda: run_functional(b, "floor bf16 autocast", "floor", False, "auto", False, group="autocast", autocast=True)),
         ("ours autocast", eager, lambda: run_functional(b, "ours bf16 autocast", "ours", False, "auto", False, group="autocast", autocast=True)),

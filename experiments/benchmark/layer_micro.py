@@ -104,6 +104,8 @@ def run_layer_micro(bench: Bench) -> None:
                         d_out=d_out,
                     )
 
+    if bench.shape.kv_heads not in (None, bench.shape.heads):
+        return  # the experiment below assumes q, k, v of one shape (no grouped-query attention)
     # q, k, v on one input: three fast-path layers vs stacked A's
     torch.manual_seed(0)
     Ws = [torch.randn(h, h, device=bench.device, dtype=bench.dtype) * 0.02 for _ in range(3)]

@@ -29,6 +29,7 @@ NAMES = {
     "lora_plus4": "LoRA+ r=8, λ=4",
     "lora_rank_pattern": "per-layer ranks (16 on query/value, 4 elsewhere)",
     "lora_pissa": "PiSSA r=8",
+    "lora_fa": "LoRA-FA r=8 (A frozen)",
 }
 
 
