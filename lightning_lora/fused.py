@@ -131,7 +131,12 @@ class LoRALinearFunction(torch.autograd.Function):
 
     ``weight`` is the frozen ``(d_out, d_in)`` tensor, or ``None`` with ``quantized_base`` a
     bitsandbytes 4/8-bit layer (QLoRA): the base then computes ``x Wᵀ + b`` itself, and its
-    ``W`` is dequantized for ``dx`` in backward, never saved, as bitsandbytes' own layers do."""
+    ``W`` is dequantized for ``dx`` in backward, never saved, as bitsandbytes' own layers do.
+
+    ``projected``, when given, is ``a = x Aᵀ`` computed already (with ``A = None``): sibling
+    layers that read one input share that GEMM (:mod:`lightning_lora.shared_inputs`). The
+    Function then returns ``g = s · dy B`` as ``projected``'s gradient, and ``dA`` and the LoRA
+    part of ``dx`` are the sharing Function's work."""
 
     @staticmethod
     def forward(
@@ -144,11 +149,12 @@ class LoRALinearFunction(torch.autograd.Function):
         scaling: float,
         x_adapter: Tensor | None,
         quantized_base: nn.Module | None = None,
+        projected: Tensor | None = None,
     ) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, x_adapter.shape[-1])
-        a = xa2 @ A.t()  # (N, r)
+        a = xa2 @ A.t() if projected is None else projected.reshape(-1, projected.shape[-1])  # (N, r)
         if quantized_base is not None:
             # The base multiplies with its own kernel (bitsandbytes dequantizes and calls a GEMM
             # in one op); autograd is off in here, so it saves nothing. The LoRA part is added
@@ -174,6 +180,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.quantized_base = scaling, quantized_base
         ctx.separate_adapter_input = x_adapter is not None
         ctx.x_shape, ctx.xa_shape = x.shape, (x_adapter.shape if x_adapter is not None else None)
+        ctx.projected_shape = None if projected is None else projected.shape
         return y
 
     @staticmethod
@@ -184,12 +191,18 @@ class LoRALinearFunction(torch.autograd.Function):
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
         need_x, _, _, need_A, need_B, _, need_xa = ctx.needs_input_grad[:7]
+        shared = ctx.projected_shape is not None
+        need_a = shared and ctx.needs_input_grad[8]
         g = None
-        if need_A or need_x or need_xa:  # g = s · dy B  (N, r)
+        if need_A or need_xa or need_a or (need_x and not shared):  # g = s · dy B  (N, r)
             g = a.new_empty(a.shape).addmm_(dy2, B, beta=0, alpha=s)
         dA = g.t() @ xa2 if need_A else None
         dB = B.new_empty(B.shape).addmm_(dy2.t(), a, beta=0, alpha=s) if need_B else None
         dx = dxa = None
+        if shared:  # the sharing Function adds g A to dx
+            da = g.view(ctx.projected_shape) if need_a else None
+            dx = (dy2 @ weight).view(ctx.x_shape) if need_x else None
+            return (dx, None, None, None, dB, None, None, None, da)
         if ctx.separate_adapter_input:
             if need_x:
                 dx = (dy2 @ weight).view(ctx.x_shape)
@@ -199,7 +212,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dx2 = g @ A  # (N, d_in) LoRA part ...
             dx2.addmm_(dy2, weight)  # ... and the frozen GEMM adds the base part into it
             dx = dx2.view(ctx.x_shape)
-        return (dx, None, None, dA, dB, None, dxa, None)[: len(ctx.needs_input_grad)]
+        return (dx, None, None, dA, dB, None, dxa, None, None)[: len(ctx.needs_input_grad)]
 
 
 def lora_linear(

@@ -20,6 +20,7 @@ from .merge import merge_plan, merge_quantized, refuse_nonfinite, refuse_tied, u
 from .params import mark_only_lora_as_trainable
 from .provenance import record_merge
 from .quantized import is_packed
+from .shared_inputs import group_siblings
 from .sharing import module_places, refuse_shared_targets
 from .state import STATE_ATTR, LoRAState, adapted_weights, lora_state, require_adapted
 from .surgery import adapt, strip_lora, target_tensors
@@ -64,6 +65,7 @@ def inject_lora(
     state.configs[adapter_name] = config
     set_adapter(model, adapter_name)
     mark_only_lora_as_trainable(model, adapter_name, config.trainable_modules)
+    group_siblings(model)
     return [t.name for t in adapted_weights(model) if adapter_name in t.layer.lora_A]
 
 

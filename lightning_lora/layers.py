@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused, fused_dora, quantized
+from . import fused, fused_dora, quantized, shared_inputs
 from .base_init import changes_base, principal_factors
 from .config import AdapterSpec
 from .delta import (
@@ -428,6 +428,19 @@ class LoRALinear(LoRAWrapper):
         g = (m.float() / self.weight_norm(name)).to(A.dtype)
         return g * (base + lora) - base
 
+    def plain_fast_A(self, x: Tensor) -> Tensor | None:
+        """The ``A`` of the one adapter that :meth:`forward` would run on ``x`` through the plain
+        LoRA Function in one dtype (no DoRA, no dropout drawn, outside autocast), else ``None``:
+        what :mod:`~lightning_lora.shared_inputs` may compute ahead for this layer."""
+        names = self.unmerged_active()
+        if self.per_sample is not None or len(names) != 1 or not fused.fast_path_wanted():
+            return None
+        spec = self.specs[names[0]]
+        if spec.use_dora or (spec.dropout > 0.0 and self.training):
+            return None
+        A, B = self.lora_A[names[0]], self.lora_B[names[0]]
+        return A if fused.fits(self.base_layer, x, A, B) else None
+
     def lora_output(self, x: Tensor, name: str) -> Tensor:
         """``dropout(x) Aᵀ Bᵀ`` for one adapter, unscaled, in the adapter's dtype."""
         A, B = self.lora_A[name], self.lora_B[name]
@@ -463,6 +476,13 @@ class LoRALinear(LoRAWrapper):
             run = fused.fast_forward(self.base_layer, x, A, B)
             if run is not None:
                 x_adapter = self._adapter_input(x, name)  # x itself without dropout: read once
+                shareable = x_adapter is x and fused.fits(self.base_layer, x, A, B)
+                projected = shared_inputs.projection(self, x, A) if shareable else None
+                if projected is not None:  # x Aᵀ from one GEMM shared with sibling layers
+                    base = self.base_layer
+                    return fused.LoRALinearFunction.apply(
+                        x, base.weight, base.bias, None, B, spec.scale, None, None, projected
+                    )
                 return run(x, A, B, self.specs[name].scale, None if x_adapter is x else x_adapter)
         return self.reference_forward(x, names)
 

@@ -44,7 +44,8 @@ def test_rank_advisor_jobs_run_the_default_schedule_with_csv_logs_and_no_checkpo
 
 
 def test_variant_jobs_set_their_variant_on_the_rank_advisors_schedule():
-    assert sweep("variants")["method"] == ["lora_dora", "lora_plus", "lora_rank_pattern", "lora_pissa"]
+    assert sweep("variants")["method"] == ["lora_dora", "lora_plus", "lora_rank_pattern", "lora_pissa", "lora_fa"]
+    assert job("variants", method="lora_fa", seed="1").lora.freeze_a is True
     assert job("variants", method="lora_dora", seed="1").lora.use_dora is True
     assert job("variants", method="lora_plus", seed="1").lora.loraplus_lr_ratio == 16
     assert job("variants", method="lora_plus4", seed="1").lora.loraplus_lr_ratio == 4

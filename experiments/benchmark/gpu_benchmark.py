@@ -52,6 +52,7 @@ from report import write_results
 
 from lightning_lora import inject_lora, lora_parameters, merge_lora, unload_lora, unmerge_lora
 from lightning_lora.fused import fast_path
+from lightning_lora.shared_inputs import set_input_sharing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 16, 32
@@ -260,9 +261,11 @@ def run_functional(
     graphs: bool = False,
     group: str = "train",
     autocast: bool = False,
+    sharing: bool = True,
 ) -> None:
     """One configuration's steps; ``autocast``: each forward under ``torch.autocast`` in bf16
-    (what Lightning's ``precision="bf16-mixed"`` does), here over the bf16 model."""
+    (what Lightning's ``precision="bf16-mixed"`` does), here over the bf16 model; ``sharing``
+    off: sibling layers each compute their own ``x Aᵀ`` (:mod:`lightning_lora.shared_inputs`)."""
     model = build_model(bench)
     causal_lm, params, _ = make_trainable(setup, model)
     optimizer = optimizer_for(bench, params)
@@ -282,6 +285,7 @@ def run_functional(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    set_input_sharing(sharing)
     with fast_path(mode):
         if compiled:
             t0 = time.monotonic()
@@ -290,6 +294,7 @@ def run_functional(
             compile_s = time.monotonic() - t0
         times, peak = bench.time_steps(step, bench.args.warmup, bench.args.steps)
         prof = profile_kernels(bench, step) if profile else None
+    set_input_sharing(True)
     breaks = sum(counters["graph_break"].values()) if compiled else None
     bench.record(
         group=group,
@@ -300,6 +305,7 @@ def run_functional(
         compiled=compiled,
         cuda_graphs=graphs,
         fast_path=mode,
+        input_sharing=sharing,
         times=times,
         peak_gib=peak,
         trainable=sum(p.numel() for p in params),
@@ -527,13 +533,14 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
 
         return wrapped
 
-    def train_8b(name: str, setup: str, compiled: bool, mode: str = "auto") -> Callable[[], None]:
-        return on_8b(lambda: run_functional(b, f"8B {name}", setup, compiled, mode, False, group="8b"))
+    def train_8b(name: str, setup: str, compiled: bool, mode: str = "auto", sharing: bool = True) -> Callable[[], None]:
+        return on_8b(lambda: run_functional(b, f"8B {name}", setup, compiled, mode, False, group="8b", sharing=sharing))
 
     return [
         ("floor eager", eager, lambda: run_functional(b, "floor eager", "floor", False, "auto", True)),
         ("ours eager", eager, lambda: run_functional(b, "ours eager", "ours", False, "auto", True)),
         ("ours lora-fa eager", eager, lambda: run_functional(b, "ours LoRA-FA eager", "ours-fa", False, "auto", True)),
+        ("ours eager unshared", eager, lambda: run_functional(b, "ours eager, no input sharing", "ours", False, "auto", False, sharing=False)),
         ("ours callback eager", eager + 10, lambda: run_callback(b, "ours callback eager", False)),
         ("peft-default eager", eager, lambda: run_functional(b, "peft-default eager", "peft-default", False, "auto", False)),
         ("peft-bf16 eager", eager, lambda: run_functional(b, "peft-bf16 eager", "peft-bf16", False, "auto", False)),
@@ -554,6 +561,7 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
         ("8b floor eager", 2 * eager, train_8b("floor eager", "floor", False)),
         ("8b ours eager", 2 * eager, train_8b("ours eager", "ours", False)),
         ("8b ours lora-fa eager", 2 * eager, train_8b("ours LoRA-FA eager", "ours-fa", False)),
+        ("8b ours eager unshared", 2 * eager, train_8b("ours eager, no input sharing", "ours", False, sharing=False)),
         ("8b peft-bf16 eager", 2 * eager, train_8b("peft-bf16 eager", "peft-bf16", False)),
         ("8b peft-default eager", 2 * eager, train_8b("peft-default eager", "peft-default", False)),
         ("8b ours eager reference", 2 * eager, train_8b("ours eager, reference path", "ours", False, "never")),

@@ -71,6 +71,8 @@ def training_table(by: dict[str, dict], group: str = "train", prefix: str = "") 
             path += {"auto": ", fast path", "never": ", reference path", "always": ", Function forced"}.get(
                 r.get("fast_path", ""), ""
             )
+            if r.get("input_sharing") is False:
+                path += ", no input sharing"
         if r.get("cuda_graphs"):
             path += ", CUDA graphs"
         if r.get("graph_breaks"):
@@ -178,7 +180,7 @@ def micro_table(by: dict[str, dict]) -> list[str]:
         "| one layer, all tokens of the batch | wall µs (median) | device µs (kernels) | device µs over frozen | × frozen (device) |",
         "|---|---|---|---|---|",
     ]
-    variants = ("frozen Linear", "frozen", "reference", "fast path", "three fast-path layers", "stacked A (experiment)")
+    variants = ("frozen Linear", "frozen", "reference", "fast path", "three fast-path layers", "sharing x Aᵀ")
 
     def key(config: str) -> str:
         for v in variants:
