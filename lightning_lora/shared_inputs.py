@@ -24,7 +24,12 @@ output's gradient is ``None``, so its ``A.grad`` stays ``None`` as if it had not
 The eligible members are those whose fast path would run the plain LoRA Function on ``x`` (one
 active adapter, no DoRA, no dropout drawn, every tensor in one dtype, outside autocast); under
 ``torch.compile``, for inference tensors and with ``fast_path("never")`` nothing is shared.
-:func:`set_input_sharing` turns it off.
+
+**Off by default**; :func:`set_input_sharing` turns it on. Measured on an H200 (953M Llama shape,
+bf16, 8×1024 tokens, r=16 on 7 projections, eager): it saves about 1.7 ms of device time per step
+(of 106 ms), but the eager step there is close to bound by the CPU that launches the kernels,
+and the bookkeeping per call costs what the GPU saves: 112.7 against 112.6 ms per step (medians of
+three A/B runs); on four Llama-3-8B-shaped layers, 107.2 against 107.6 ms (0.4 %).
 """
 
 from __future__ import annotations
@@ -40,11 +45,11 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from .layers import LoRALinear
 
-_enabled = True
+_enabled = False
 
 
 def set_input_sharing(enabled: bool) -> None:
-    """On (default): sibling layers share ``x Aᵀ`` on the fast path. Off: each computes its own."""
+    """On: sibling layers share ``x Aᵀ`` on the fast path. Off (default): each computes its own."""
     global _enabled
     _enabled = bool(enabled)
 
@@ -133,8 +138,10 @@ def group_siblings(model: nn.Module) -> None:
 def projection(layer: LoRALinear, x: Tensor, A: Tensor) -> Tensor | None:
     """``x Aᵀ`` for ``layer`` (whose fast path runs plain LoRA with ``A`` on ``x``) from its
     group's shared GEMM, or ``None``: compute it alone."""
+    if not _enabled or torch.compiler.is_compiling() or x.is_inference():
+        return None
     group = _groups.get(layer)
-    if group is None or not _enabled or torch.compiler.is_compiling() or x.is_inference():
+    if group is None:
         return None
     entry = group.entry
     if entry is not None and entry.holds(x):

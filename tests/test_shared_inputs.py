@@ -11,6 +11,15 @@ from lightning_lora.shared_inputs import SharedProjection, input_sharing, set_in
 from .hf_models import as_if_trained, ids, llama
 
 
+@pytest.fixture(autouse=True)
+def sharing_on():
+    """Sharing is off by default: these tests turn it on, and restore the default after."""
+    assert not input_sharing()
+    set_input_sharing(True)
+    yield
+    set_input_sharing(False)
+
+
 @pytest.fixture
 def shared_gemms(monkeypatch):
     """Counts SharedProjection calls (one per group and forward when sharing happens)."""
@@ -22,8 +31,7 @@ def shared_gemms(monkeypatch):
         return forward(ctx, x, *As)
 
     monkeypatch.setattr(SharedProjection, "forward", staticmethod(counted))
-    yield calls
-    set_input_sharing(True)
+    return calls
 
 
 def trained_llama(**fields):
@@ -60,11 +68,12 @@ def test_a_llama_gives_the_same_outputs_and_gradients_with_and_without_sharing(f
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_gradient_checkpointing_recomputes_the_shared_projection():
+def test_gradient_checkpointing_recomputes_the_shared_projection(shared_gemms):
     tokens = ids()
     plain, checkpointed = trained_llama(), trained_llama()
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     (y0, g0), (y1, g1) = step(plain, tokens), step(checkpointed, tokens)
+    assert shared_gemms == [4, 2] * 2 * 3  # plain, checkpointed, and its recomputation in backward
     torch.testing.assert_close(y1, y0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -152,10 +161,9 @@ def test_another_input_another_grad_mode_or_a_later_leader_computes_alone(shared
     assert shared_gemms == [4, 4]
 
 
-def test_sharing_is_on_by_default_and_off_with_the_reference_path(shared_gemms):
+def test_nothing_is_shared_with_the_reference_path_or_with_sharing_off(shared_gemms):
     from lightning_lora.fused import fast_path
 
-    assert input_sharing()
     attn = attention(trained_llama())
     with fast_path("never"):
         attn.q_proj(torch.randn(2, 5, 32))
@@ -163,3 +171,18 @@ def test_sharing_is_on_by_default_and_off_with_the_reference_path(shared_gemms):
     attn.q_proj(torch.randn(2, 5, 32))
     assert shared_gemms == []
     assert isinstance(attn.q_proj.base_layer, nn.Linear)
+
+
+def test_with_freeze_a_the_shared_projection_keeps_no_input(shared_gemms):
+    from .test_lora_fa import kept_inputs
+
+    tokens = ids()
+    names = [n for n, m in llama().named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    kept = {}
+    for freeze_a in (False, True):
+        model = llama()
+        inject_lora(model, r=4, freeze_a=freeze_a, exclude_modules=["lm_head"])
+        kept[freeze_a] = kept_inputs(model, names, tokens)
+    assert shared_gemms  # the shared GEMM ran
+    assert kept[False] == sorted(names)
+    assert all(".self_attn.o_proj" in n for n in kept[True])  # SDPA's output, kept by the frozen model too

@@ -261,11 +261,11 @@ def run_functional(
     graphs: bool = False,
     group: str = "train",
     autocast: bool = False,
-    sharing: bool = True,
+    sharing: bool = False,
 ) -> None:
     """One configuration's steps; ``autocast``: each forward under ``torch.autocast`` in bf16
-    (what Lightning's ``precision="bf16-mixed"`` does), here over the bf16 model; ``sharing``
-    off: sibling layers each compute their own ``x Aᵀ`` (:mod:`lightning_lora.shared_inputs`)."""
+    (what Lightning's ``precision="bf16-mixed"`` does), here over the bf16 model; ``sharing``:
+    sibling layers share ``x Aᵀ`` (:mod:`lightning_lora.shared_inputs`, off by default)."""
     model = build_model(bench)
     causal_lm, params, _ = make_trainable(setup, model)
     optimizer = optimizer_for(bench, params)
@@ -294,7 +294,7 @@ def run_functional(
             compile_s = time.monotonic() - t0
         times, peak = bench.time_steps(step, bench.args.warmup, bench.args.steps)
         prof = profile_kernels(bench, step) if profile else None
-    set_input_sharing(True)
+    set_input_sharing(False)
     breaks = sum(counters["graph_break"].values()) if compiled else None
     bench.record(
         group=group,
@@ -533,14 +533,16 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
 
         return wrapped
 
-    def train_8b(name: str, setup: str, compiled: bool, mode: str = "auto", sharing: bool = True) -> Callable[[], None]:
+    def train_8b(
+        name: str, setup: str, compiled: bool, mode: str = "auto", sharing: bool = False
+    ) -> Callable[[], None]:
         return on_8b(lambda: run_functional(b, f"8B {name}", setup, compiled, mode, False, group="8b", sharing=sharing))
 
     return [
         ("floor eager", eager, lambda: run_functional(b, "floor eager", "floor", False, "auto", True)),
         ("ours eager", eager, lambda: run_functional(b, "ours eager", "ours", False, "auto", True)),
         ("ours lora-fa eager", eager, lambda: run_functional(b, "ours LoRA-FA eager", "ours-fa", False, "auto", True)),
-        ("ours eager unshared", eager, lambda: run_functional(b, "ours eager, no input sharing", "ours", False, "auto", False, sharing=False)),
+        ("ours eager shared", eager, lambda: run_functional(b, "ours eager, input sharing", "ours", False, "auto", False, sharing=True)),
         ("ours callback eager", eager + 10, lambda: run_callback(b, "ours callback eager", False)),
         ("peft-default eager", eager, lambda: run_functional(b, "peft-default eager", "peft-default", False, "auto", False)),
         ("peft-bf16 eager", eager, lambda: run_functional(b, "peft-bf16 eager", "peft-bf16", False, "auto", False)),
@@ -561,7 +563,7 @@ def plan(bench: Bench) -> list[tuple[str, float, Callable[[], None]]]:
         ("8b floor eager", 2 * eager, train_8b("floor eager", "floor", False)),
         ("8b ours eager", 2 * eager, train_8b("ours eager", "ours", False)),
         ("8b ours lora-fa eager", 2 * eager, train_8b("ours LoRA-FA eager", "ours-fa", False)),
-        ("8b ours eager unshared", 2 * eager, train_8b("ours eager, no input sharing", "ours", False, sharing=False)),
+        ("8b ours eager shared", 2 * eager, train_8b("ours eager, input sharing", "ours", False, sharing=True)),
         ("8b peft-bf16 eager", 2 * eager, train_8b("peft-bf16 eager", "peft-bf16", False)),
         ("8b peft-default eager", 2 * eager, train_8b("peft-default eager", "peft-default", False)),
         ("8b ours eager reference", 2 * eager, train_8b("ours eager, reference path", "ours", False, "never")),

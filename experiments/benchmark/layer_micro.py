@@ -118,4 +118,4 @@ def run_layer_micro(bench: Bench) -> None:
             device_us=device_us(bench, fn),
             rel_diff_grads=rel if sharing else None,
         )
-    set_input_sharing(True)
+    set_input_sharing(False)

@@ -71,8 +71,8 @@ def training_table(by: dict[str, dict], group: str = "train", prefix: str = "") 
             path += {"auto": ", fast path", "never": ", reference path", "always": ", Function forced"}.get(
                 r.get("fast_path", ""), ""
             )
-            if r.get("input_sharing") is False:
-                path += ", no input sharing"
+            if r.get("input_sharing"):
+                path += ", input sharing"
         if r.get("cuda_graphs"):
             path += ", CUDA graphs"
         if r.get("graph_breaks"):
