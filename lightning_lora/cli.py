@@ -52,10 +52,11 @@ def inspect_adapter(path: str | os.PathLike) -> str:
     lora_params = sum(a.numel() + b.numel() for a, b in adapter.pairs.values())
     lora_params += sum(m.numel() for m in adapter.magnitudes.values())
     head_params = sum(t.numel() for t in adapter.trainable.values())
+    frozen = "freeze_a=True (LoRA-FA: A not trained)  " if extras.get("freeze_a") else ""
     lines = [
         f"adapter     {adapter.path}  (written by {made_by})",
         f"config      r={config['r']}  lora_alpha={config['lora_alpha']}  scale={scale}  "
-        f"use_dora={config.get('use_dora') is True}  "
+        f"use_dora={config.get('use_dora') is True}  {frozen}"
         f"dropout={config.get('lora_dropout') or 0.0}  rank_pattern={config.get('rank_pattern') or {}}  "
         f"alpha_pattern={config.get('alpha_pattern') or {}}",
         f"targets     {_grouped(config.get('target_modules') or [])}",

@@ -90,6 +90,14 @@ def test_inspect_reports_config_targets_sizes_and_the_norm_of_each_update(tmp_pa
         assert float(row.split()[-1]) == pytest.approx(norm, rel=1e-5)
 
 
+def test_inspect_says_when_a_was_frozen(tmp_path, capsys):
+    adapted(Net(), tmp_path, freeze_a=True)
+    code, out, _ = run("inspect", tmp_path / "adapter", capsys=capsys)
+    assert code == 0 and "use_dora=False  freeze_a=True (LoRA-FA: A not trained)  dropout=0.0" in out
+    adapted(Net(), tmp_path / "plain")
+    assert "freeze_a" not in run("inspect", tmp_path / "plain" / "adapter", capsys=capsys)[1]
+
+
 def test_console_script_and_module_run_as_processes(tmp_path):
     adapted(Net(), tmp_path)
     script = Path(sys.executable).with_name("lightning-lora")
