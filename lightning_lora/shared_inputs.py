@@ -85,11 +85,9 @@ class SharedProjection(torch.autograd.Function):
             return (None, *dAs)
         g = torch.cat([grads[i].reshape(-1, As[i].shape[0]) for i in used], dim=1)  # (N, Σr used)
         dx = (g @ torch.cat([As[i] for i in used])).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        wanted = [i for i in used if ctx.needs_input_grad[1 + i]]
-        if wanted:
-            columns = torch.cat([grads[i].reshape(-1, As[i].shape[0]) for i in wanted], dim=1) if wanted != used else g
-            for i, dA in zip(wanted, (columns.t() @ x2).split([As[i].shape[0] for i in wanted]), strict=True):
-                dAs[i] = dA
+        if any(ctx.needs_input_grad[1 + i] for i in used):  # one GEMM for every dA that arrived
+            for i, dA in zip(used, (g.t() @ x2).split([As[i].shape[0] for i in used]), strict=True):
+                dAs[i] = dA if ctx.needs_input_grad[1 + i] else None
         return (dx, *dAs)
 
 
