@@ -24,7 +24,7 @@ from lightning_lora.fused import fast_path
 from lightning_lora.io import METADATA_KEY
 from lightning_lora.state import adapted_weights
 
-from .hf_models import as_if_trained, ids, llama, logits
+from .hf_models import MHANet, as_if_trained, gpt2, ids, llama, logits, resnet
 from .test_callback import MLP, loader, trainer
 
 
@@ -73,6 +73,30 @@ def test_freeze_a_trains_b_only_and_leaves_a_bit_identical_on_a_tied_llama():
         optimizer.zero_grad()
     assert all(torch.equal(a, a0) and a.grad is None for a, a0 in zip(A, A0, strict=True))
     assert all(b.abs().sum() > 0 for b in B)
+
+
+LAYER_TYPES = {  # model, LoRA fields, a forward returning something to differentiate
+    "embedding (Llama)": (
+        lambda: llama(tied=False),
+        {"target_modules": ["embed_tokens", "q_proj"]},
+        lambda m: m(input_ids=ids()).logits,
+    ),
+    "Conv1D (GPT-2)": (gpt2, {"target_modules": ["c_attn", "c_fc"]}, lambda m: m(input_ids=ids()).logits),
+    "conv (ResNet)": (resnet, {"target_modules": ["convolution"]}, lambda m: m(torch.randn(2, 3, 32, 32)).logits),
+    "MultiheadAttention": (MHANet, {"target_modules": ["attn", "cross"]}, lambda m: m(torch.randn(2, 5, 32))),
+}
+
+
+@pytest.mark.parametrize("kind", LAYER_TYPES)
+def test_freeze_a_holds_on_every_layer_type(kind):
+    build, fields, run = LAYER_TYPES[kind]
+    model = build()
+    inject_lora(model, r=2, freeze_a=True, **fields)
+    as_if_trained(model)
+    A, B = a_and_b(model)
+    assert A and {id(p) for p in model.parameters() if p.requires_grad} == {id(b) for b in B}
+    run(model.train()).pow(2).mean().backward()
+    assert all(a.grad is None for a in A) and all(b.grad is not None and b.grad.abs().sum() > 0 for b in B)
 
 
 @pytest.mark.parametrize("path", ["always", "never"])
