@@ -476,7 +476,7 @@ class LoRALinear(LoRAWrapper):
             run = fused.fast_forward(self.base_layer, x, A, B)
             if run is not None:
                 x_adapter = self._adapter_input(x, name)  # x itself without dropout: read once
-                shareable = x_adapter is x and shared_inputs.input_sharing() and fused.fits(self.base_layer, x, A, B)
+                shareable = shared_inputs.input_sharing() and self.plain_fast_A(x) is A
                 projected = shared_inputs.projection(self, x, A) if shareable else None
                 if projected is not None:  # x Aᵀ from one GEMM shared with sibling layers
                     base = self.base_layer

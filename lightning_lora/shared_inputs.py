@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,17 @@ def set_input_sharing(enabled: bool) -> None:
 
 def input_sharing() -> bool:
     return _enabled
+
+
+@contextmanager
+def sharing_inputs(enabled: bool) -> Iterator[None]:
+    """``with sharing_inputs(True): ...`` runs the block with sharing on (or off), then restores it."""
+    before = _enabled
+    set_input_sharing(enabled)
+    try:
+        yield
+    finally:
+        set_input_sharing(before)
 
 
 class SharedProjection(torch.autograd.Function):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_lora import inject_lora
-from lightning_lora.shared_inputs import SharedProjection, input_sharing, set_input_sharing
+from lightning_lora.shared_inputs import SharedProjection, input_sharing, sharing_inputs
 
 from .hf_models import as_if_trained, ids, llama
 
@@ -15,9 +15,8 @@ from .hf_models import as_if_trained, ids, llama
 def sharing_on():
     """Sharing is off by default: these tests turn it on, and restore the default after."""
     assert not input_sharing()
-    set_input_sharing(True)
-    yield
-    set_input_sharing(False)
+    with sharing_inputs(True):
+        yield
 
 
 @pytest.fixture
@@ -56,8 +55,8 @@ def test_a_llama_gives_the_same_outputs_and_gradients_with_and_without_sharing(f
     tokens = ids()
     results = {}
     for sharing in (False, True):
-        set_input_sharing(sharing)
-        results[sharing] = step(trained_llama(**fields), tokens)
+        with sharing_inputs(sharing):
+            results[sharing] = step(trained_llama(**fields), tokens)
     # per decoder layer: q, k, v, o share one group (o reads another tensor), gate and up another
     assert shared_gemms == [4, 2] * 2
     (y0, g0), (y1, g1) = results[False], results[True]
@@ -85,11 +84,8 @@ def attention(model):
 
 def per_layer(layer, x):
     """The layer's output computed alone (sharing off)."""
-    set_input_sharing(False)
-    try:
+    with sharing_inputs(False):
         return layer(x)
-    finally:
-        set_input_sharing(True)
 
 
 def test_a_sibling_not_called_gets_no_gradient_and_the_others_exact_ones(shared_gemms):
@@ -167,8 +163,8 @@ def test_nothing_is_shared_with_the_reference_path_or_with_sharing_off(shared_ge
     attn = attention(trained_llama())
     with fast_path("never"):
         attn.q_proj(torch.randn(2, 5, 32))
-    set_input_sharing(False)
-    attn.q_proj(torch.randn(2, 5, 32))
+    with sharing_inputs(False):
+        attn.q_proj(torch.randn(2, 5, 32))
     assert shared_gemms == []
     assert isinstance(attn.q_proj.base_layer, nn.Linear)
 

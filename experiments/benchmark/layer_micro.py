@@ -76,7 +76,7 @@ def run_layer_micro(bench: Bench) -> None:
     # q, k, v on one input: frozen; three fast-path layers each computing x Aᵀ; the same layers
     # sharing it (lightning_lora.shared_inputs: one GEMM for x [A_q; A_k; A_v]ᵀ and one for dA)
     from lightning_lora import inject_lora
-    from lightning_lora.shared_inputs import set_input_sharing
+    from lightning_lora.shared_inputs import sharing_inputs
 
     torch.manual_seed(0)
     attn = nn.ModuleDict(
@@ -98,8 +98,8 @@ def run_layer_micro(bench: Bench) -> None:
 
     grads = {}
     for sharing in (False, True):  # the same gradients before the time means anything
-        set_input_sharing(sharing)
-        torch.autograd.backward([attn[p](x) for p in ("q", "k", "v")], dys)
+        with sharing_inputs(sharing):
+            torch.autograd.backward([attn[p](x) for p in ("q", "k", "v")], dys)
         grads[sharing] = [x.grad.float()] + [t.grad.float() for t in attn.parameters() if t.grad is not None]
         x.grad = None
         attn.zero_grad(set_to_none=True)
@@ -109,13 +109,12 @@ def run_layer_micro(bench: Bench) -> None:
         ("three fast-path layers", adapted, False),
         ("sharing x Aᵀ", adapted, True),
     ):
-        set_input_sharing(sharing)
-        times, _ = bench.time_steps(fn, 3, reps)
-        bench.record(
-            group="micro",
-            config=f"q,k,v {h}→{h} on one input: {variant} fwd+bwd",
-            times=times,
-            device_us=device_us(bench, fn),
-            rel_diff_grads=rel if sharing else None,
-        )
-    set_input_sharing(False)
+        with sharing_inputs(sharing):
+            times, _ = bench.time_steps(fn, 3, reps)
+            bench.record(
+                group="micro",
+                config=f"q,k,v {h}→{h} on one input: {variant} fwd+bwd",
+                times=times,
+                device_us=device_us(bench, fn),
+                rel_diff_grads=rel if sharing else None,
+            )
