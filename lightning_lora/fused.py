@@ -42,7 +42,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from . import quantized
+from . import kernels, quantized
 
 FAST_PATH_MODES = ("auto", "always", "never")
 FastForward = Callable[[Tensor, Tensor, Tensor, float, "Tensor | None"], Tensor]
@@ -163,17 +163,7 @@ class LoRALinearFunction(torch.autograd.Function):
             y2.addmm_(a, B.t(), alpha=scaling)
             y = y2.view(*lead, y2.shape[-1])
         else:
-            # y = s · a Bᵀ (+ b): the scale rides in the GEMM's alpha (no kernel of its own);
-            # beta = 0 means y's uninitialised contents are never read. y is allocated in its
-            # final shape and filled through a 2-D view, so the output is no view itself (FSDP2
-            # warns about a wrapped module returning a view: in-place ops on it lose its hook).
-            y = a.new_empty(*lead, B.shape[0])
-            y2 = y.view(-1, B.shape[0])
-            if bias is None:
-                y2.addmm_(a, B.t(), beta=0, alpha=scaling)
-            else:
-                torch.addmm(bias, a, B.t(), alpha=scaling, out=y2)
-            y2.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
+            y = _forward_frozen_plus_lowrank(x2, weight, bias, a, B, scaling, lead)
         # The input is needed for dA only: with A frozen (LoRA-FA) backward keeps just a = x Aᵀ.
         saved_x = xa2 if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(saved_x, a, weight, A, B)  # weight is None over a quantized base
@@ -193,11 +183,9 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, _, _, need_A, need_B, _, need_xa = ctx.needs_input_grad[:7]
         shared = ctx.projected_shape is not None
         need_a = shared and ctx.needs_input_grad[8]
-        g = None
-        if need_A or need_xa or need_a or (need_x and not shared):  # g = s · dy B  (N, r)
-            g = a.new_empty(a.shape).addmm_(dy2, B, beta=0, alpha=s)
+        need_g = need_A or need_xa or need_a or (need_x and not shared)
+        g, dB = _lowrank_grads(dy2, B, a, s, need_g, need_B)
         dA = g.t() @ xa2 if need_A else None
-        dB = B.new_empty(B.shape).addmm_(dy2.t(), a, beta=0, alpha=s) if need_B else None
         dx = dxa = None
         if shared:  # the sharing Function adds g A to dx
             da = g.view(ctx.projected_shape) if need_a else None
@@ -209,10 +197,76 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_xa:
                 dxa = (g @ A).view(ctx.xa_shape)
         elif need_x:
-            dx2 = g @ A  # (N, d_in) LoRA part ...
-            dx2.addmm_(dy2, weight)  # ... and the frozen GEMM adds the base part into it
-            dx = dx2.view(ctx.x_shape)
+            dx = _dgrad_frozen_plus_lowrank(dy2, weight, g, A, ctx.x_shape)
         return (dx, None, None, dA, dB, None, dxa, None, None)[: len(ctx.needs_input_grad)]
+
+
+def _forward_frozen_plus_lowrank(
+    x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, B: Tensor, s: float, lead: torch.Size
+) -> Tensor:
+    """``y = x Wᵀ + b + s · a Bᵀ`` in shape ``(*lead, d_out)``: one Triton GEMM where
+    :mod:`~lightning_lora.kernels` picks it, else two cuBLAS GEMMs."""
+
+    def cublas() -> Tensor:
+        # y = s · a Bᵀ (+ b): the scale rides in the GEMM's alpha (no kernel of its own);
+        # beta = 0 means y's uninitialised contents are never read. y is allocated in its
+        # final shape and filled through a 2-D view, so the output is no view itself (FSDP2
+        # warns about a wrapped module returning a view: in-place ops on it lose its hook).
+        y = a.new_empty(*lead, B.shape[0])
+        y2 = y.view(-1, B.shape[0])
+        if bias is None:
+            y2.addmm_(a, B.t(), beta=0, alpha=s)
+        else:
+            torch.addmm(bias, a, B.t(), alpha=s, out=y2)
+        y2.addmm_(x2, weight.t())  # the frozen GEMM accumulates into the LoRA part (beta = 1)
+        return y
+
+    def triton() -> Tensor:
+        return kernels.gemm_lowrank(x2, weight.t(), a, B.t(), bias, s, list(lead))
+
+    tensors = (x2, weight, a, B) if bias is None else (x2, weight, a, B, bias)
+    if kernels.applicable(*tensors):
+        shape = (x2.shape[0], x2.shape[1], B.shape[0], B.shape[1], bias is not None)
+        if kernels.chosen("forward", shape, x2.dtype, x2.device, triton, cublas):
+            return triton()
+    return cublas()
+
+
+def _lowrank_grads(dy2: Tensor, B: Tensor, a: Tensor, s: float, need_g: bool, need_B: bool):
+    """``(g, dB) = (s · dy B, s · dyᵀ a)``, each ``None`` where not needed; both from one
+    Triton pass over ``dy`` where :mod:`~lightning_lora.kernels` picks it."""
+
+    def cublas() -> tuple[Tensor | None, Tensor | None]:
+        g = a.new_empty(a.shape).addmm_(dy2, B, beta=0, alpha=s) if need_g else None
+        dB = B.new_empty(B.shape).addmm_(dy2.t(), a, beta=0, alpha=s) if need_B else None
+        return g, dB
+
+    def triton() -> tuple[Tensor, Tensor]:
+        return kernels.lowrank_grads(dy2, B, a, s)
+
+    wanted = need_g and need_B and kernels.applicable(dy2, B, a) and not kernels.deterministic()
+    if wanted and kernels.chosen("grads", (*dy2.shape, B.shape[1]), dy2.dtype, dy2.device, triton, cublas):
+        return triton()
+    return cublas()
+
+
+def _dgrad_frozen_plus_lowrank(dy2: Tensor, weight: Tensor, g: Tensor, A: Tensor, x_shape: torch.Size) -> Tensor:
+    """``dx = dy W + g A`` in shape ``x_shape``: one Triton GEMM where
+    :mod:`~lightning_lora.kernels` picks it, else two cuBLAS GEMMs."""
+
+    def cublas() -> Tensor:
+        dx2 = g @ A  # (N, d_in) LoRA part ...
+        dx2.addmm_(dy2, weight)  # ... and the frozen GEMM adds the base part into it
+        return dx2.view(x_shape)
+
+    def triton() -> Tensor:
+        return kernels.gemm_lowrank(dy2, weight, g, A, None, 1.0, list(x_shape[:-1]))
+
+    if kernels.applicable(dy2, weight, g, A):
+        shape = (dy2.shape[0], dy2.shape[1], A.shape[1], A.shape[0])
+        if kernels.chosen("dgrad", shape, dy2.dtype, dy2.device, triton, cublas):
+            return triton()
+    return cublas()
 
 
 def lora_linear(

@@ -1,5 +1,5 @@
 """One adapted projection at the benchmark's token count, timed by device time: frozen Linear vs
-our reference path vs our fast path; and q, k, v adapters on one input, each computing its own
+our reference path vs our fast path (Triton kernels or cuBLAS, :mod:`lightning_lora.kernels`); and q, k, v adapters on one input, each computing its own
 ``x Aᵀ`` or sharing it (:mod:`lightning_lora.shared_inputs`). Used by ``gpu_benchmark.py``."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from profiling import profile_kernels
 
 from lightning_lora.fused import fast_path
+from lightning_lora.kernels import triton_kernels
 
 if TYPE_CHECKING:
     from gpu_benchmark import Bench
@@ -25,9 +26,19 @@ def device_us(bench: Bench, fn: Callable[[], object], calls: int = 10) -> float:
     return profile_kernels(bench, fn, steps=calls)["total_us"]
 
 
+def kernel_choices() -> list[str]:
+    """What ``triton_kernels("auto")`` chose so far: ``kind shape dtype -> Triton | cuBLAS``."""
+    from lightning_lora import kernels
+
+    return [
+        f"{kind} {shape} {dtype} -> {'Triton' if fast else 'cuBLAS'}"
+        for (kind, shape, dtype, _), fast in kernels._choices.items()
+    ]
+
+
 def run_layer_micro(bench: Bench) -> None:
     """One adapted projection at the benchmark's token count: forward+backward and forward alone,
-    frozen Linear vs our reference path vs our fast path; and q/k/v on one input."""
+    frozen Linear vs our reference path vs our fast path (Triton kernels or cuBLAS, :mod:`lightning_lora.kernels`); and q/k/v on one input."""
     from torch import nn
 
     from lightning_lora import AdapterSpec, LoRALinear
@@ -45,8 +56,16 @@ def run_layer_micro(bench: Bench) -> None:
         layer.set_active(["default"])
         x = torch.randn(tokens, d_in, device=bench.device, dtype=bench.dtype, requires_grad=True)
         dy = torch.randn(tokens, d_out, device=bench.device, dtype=bench.dtype)
-        variants = {"frozen Linear": (base, "never"), "reference": (layer, "never"), "fast path": (layer, "auto")}
-        for variant, (module, mode) in variants.items():
+        # "fast path" lets lightning_lora.kernels pick Triton or cuBLAS per shape (timed once);
+        # the two rows after it force each.
+        variants = {
+            "frozen Linear": (base, "never", "never"),
+            "reference": (layer, "never", "never"),
+            "fast path": (layer, "auto", "auto"),
+            "fast path, cuBLAS": (layer, "auto", "never"),
+            "fast path, Triton": (layer, "auto", "always"),
+        }
+        for variant, (module, mode, kernel_mode) in variants.items():
 
             def train(module=module, x=x, dy=dy) -> None:
                 module(x).backward(dy)
@@ -59,7 +78,7 @@ def run_layer_micro(bench: Bench) -> None:
                     module(x)
 
             shape = f"{d_in}→{d_out}"
-            with fast_path(mode):
+            with fast_path(mode), triton_kernels(kernel_mode):
                 for what, fn in (("fwd+bwd", train), ("fwd", infer)):
                     times, _ = bench.time_steps(fn, 3, reps)
                     bench.record(
@@ -71,6 +90,7 @@ def run_layer_micro(bench: Bench) -> None:
                         d_out=d_out,
                     )
 
+    bench.record(group="kernel choices", config=f"choices at {h}/{i}", choices=kernel_choices())
     if bench.shape.kv_heads not in (None, bench.shape.heads):
         return  # the rows below are q, k, v of one shape (no grouped-query attention)
     # q, k, v on one input: frozen; three fast-path layers each computing x Aᵀ; the same layers

@@ -180,7 +180,16 @@ def micro_table(by: dict[str, dict]) -> list[str]:
         "| one layer, all tokens of the batch | wall µs (median) | device µs (kernels) | device µs over frozen | × frozen (device) |",
         "|---|---|---|---|---|",
     ]
-    variants = ("frozen Linear", "frozen", "reference", "fast path", "three fast-path layers", "sharing x Aᵀ")
+    variants = (
+        "frozen Linear",
+        "frozen",
+        "reference",
+        "fast path, cuBLAS",
+        "fast path, Triton",
+        "fast path",
+        "three fast-path layers",
+        "sharing x Aᵀ",
+    )
 
     def key(config: str) -> str:
         for v in variants:
