@@ -119,14 +119,17 @@ if triton is not None:
     def _gemm_lowrank(
         x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr,
         M, N, K, R,
-        sxm, sxk, swk, swn, sam, sar, sbr, sbn, sym, syn,
+        sxm, sw, sam, sb, sym,
         scaling,
-        HAS_BIAS: tl.constexpr,
+        W_ROWS_N: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        """``y[M, N] = x[M, K] · w[K, N] + scaling · a[M, R] · b[R, N] (+ bias[N])``; any
-        strides, so ``w = Wᵀ`` (forward) or ``W`` (dgrad) are views, never copies."""
+        """``y[M, N] = x[M, K] · w[K, N] + scaling · a[M, R] · b[R, N] (+ bias[N])``. Rows of
+        ``x``, ``a`` and ``y`` are contiguous; ``W_ROWS_N``: ``w`` and ``b`` are stored as
+        ``(N, K)`` and ``(N, R)`` rows (the forward's ``Wᵀ``, ``Bᵀ`` views), else as ``(K, N)``
+        and ``(R, N)`` rows (the dgrad's ``W``, ``A``). Unit strides are compile-time facts,
+        so loads vectorize."""
         pid = tl.program_id(0)
         grid_m = tl.cdiv(M, BLOCK_M)
         grid_n = tl.cdiv(N, BLOCK_N)
@@ -136,95 +139,128 @@ if triton is not None:
         rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_group
         pid_n = (pid % (GROUP_M * grid_n)) // rows_in_group
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = om % M  # rows and columns past the edge wrap around: loads need no mask,
+        rn = on % N  # and the store drops them
         rr = tl.arange(0, BLOCK_R)
-        # The accumulator starts at the low-rank term: one K = R step, no read of y afterwards.
-        a = tl.load(a_ptr + rm[:, None] * sam + rr[None, :] * sar, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        b = tl.load(b_ptr + rr[:, None] * sbr + rn[None, :] * sbn, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, out_dtype=tl.float32) * scaling
         rk = tl.arange(0, BLOCK_K)
-        x_tile = x_ptr + rm[:, None] * sxm + rk[None, :] * sxk
-        w_tile = w_ptr + rk[:, None] * swk + rn[None, :] * swn
+        a = tl.load(a_ptr + rm[:, None] * sam + rr[None, :], mask=rr[None, :] < R, other=0.0)
+        if W_ROWS_N:
+            b = tl.load(b_ptr + rn[None, :] * sb + rr[:, None], mask=rr[:, None] < R, other=0.0)
+            w_tile = w_ptr + rn[None, :] * sw + rk[:, None]
+            w_step = BLOCK_K
+        else:
+            b = tl.load(b_ptr + rr[:, None] * sb + rn[None, :], mask=rr[:, None] < R, other=0.0)
+            w_tile = w_ptr + rk[:, None] * sw + rn[None, :]
+            w_step = BLOCK_K * sw
+        # The accumulator starts at the low-rank term: one K = R step, no read of y afterwards.
+        # (scaling may arrive as fp64 from a compiled graph: the product is cast back to fp32)
+        acc = (tl.dot(a, b, out_dtype=tl.float32) * scaling).to(tl.float32)
+        x_tile = x_ptr + rm[:, None] * sxm + rk[None, :]
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            left = K - k * BLOCK_K
-            xs = tl.load(x_tile, mask=(rm[:, None] < M) & (rk[None, :] < left), other=0.0)
-            ws = tl.load(w_tile, mask=(rk[:, None] < left) & (rn[None, :] < N), other=0.0)
+            if EVEN_K:
+                xs = tl.load(x_tile)
+                ws = tl.load(w_tile)
+            else:
+                left = K - k * BLOCK_K
+                xs = tl.load(x_tile, mask=rk[None, :] < left, other=0.0)
+                ws = tl.load(w_tile, mask=rk[:, None] < left, other=0.0)
             acc = tl.dot(xs, ws, acc)
-            x_tile += BLOCK_K * sxk
-            w_tile += BLOCK_K * swk
+            x_tile += BLOCK_K
+            w_tile += w_step
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + rm[:, None] * sym + rn[None, :] * syn
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        out = y_ptr + om[:, None] * sym + on[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(om[:, None] < M) & (on[None, :] < N))
 
     @triton.jit
     def _lowrank_grads(
         dy_ptr, b_ptr, a_ptr, g_ptr, db_ptr,
-        M, N, R, blocks_per_split,
-        sdm, sdn, sbn, sbr, sam, sar,
+        M, N, R,
+        sdm, sbn, sam,
         scaling,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """``g[M, R] += scaling · dy[M, N] · b[N, R]`` and ``db[N, R] += scaling · dyᵀ · a[M, R]``
-        into fp32 buffers: each program reads its rows of dy over one split of the columns once,
-        for both products."""
+        into fp32 buffers (rows contiguous): each program reads its rows of ``dy`` over its share
+        of the columns once, for both products."""
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = om % M
         rr = tl.arange(0, BLOCK_R)
-        a = tl.load(a_ptr + rm[:, None] * sam + rr[None, :] * sar, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        # Rows past the edge (wrapped) get a = 0, so they add nothing to db.
+        a = tl.load(a_ptr + rm[:, None] * sam + rr[None, :], mask=(om[:, None] < M) & (rr[None, :] < R), other=0.0)
         g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        first = pid_s * blocks_per_split
-        last = tl.minimum(first + blocks_per_split, tl.cdiv(N, BLOCK_N))
+        col_blocks = tl.cdiv(N, BLOCK_N)
+        per_split = tl.cdiv(col_blocks, tl.num_programs(1))
+        first = pid_s * per_split
+        last = tl.minimum(first + per_split, col_blocks)
         for nb in range(first, last):
-            rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            dy = tl.load(dy_ptr + rm[:, None] * sdm + rn[None, :] * sdn, mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-            b = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :] * sbr, mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+            on = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            rn = on % N
+            dy = tl.load(dy_ptr + rm[:, None] * sdm + rn[None, :])
+            # Columns past the edge get b = 0, so they add nothing to g.
+            b = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :], mask=(on[:, None] < N) & (rr[None, :] < R), other=0.0)
             g = tl.dot(dy, b, g)
-            db = tl.dot(tl.trans(dy), a, out_dtype=tl.float32) * scaling
-            tl.atomic_add(db_ptr + rn[:, None] * R + rr[None, :], db, mask=(rn[:, None] < N) & (rr[None, :] < R))
-        tl.atomic_add(g_ptr + rm[:, None] * R + rr[None, :], g * scaling, mask=(rm[:, None] < M) & (rr[None, :] < R))
+            db = (tl.dot(tl.trans(dy), a, out_dtype=tl.float32) * scaling).to(tl.float32)
+            tl.atomic_add(db_ptr + on[:, None] * R + rr[None, :], db, mask=(on[:, None] < N) & (rr[None, :] < R))
+        tl.atomic_add(g_ptr + om[:, None] * R + rr[None, :], (g * scaling).to(tl.float32), mask=(om[:, None] < M) & (rr[None, :] < R))
 # fmt: on
 
 
-# Hopper-class tiles for bf16/fp16 GEMMs; autotuning picks one per (M, N, K).
+# Hopper-class tiles for bf16/fp16: (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) for the GEMM and
+# (BLOCK_M, BLOCK_N, warps) for the one-pass gradients; autotuning picks one per shape.
 _GEMM_CONFIGS = [
     (128, 256, 64, 3, 8),
     (256, 128, 64, 3, 8),
+    (128, 256, 64, 4, 8),
     (128, 128, 64, 4, 4),
-    (128, 128, 64, 3, 8),
+    (128, 128, 64, 5, 8),
+    (128, 128, 32, 4, 4),
+    (64, 256, 32, 4, 4),
     (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
 ]
+_GRADS_CONFIGS = [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 128, 4)]
+_INTERPRETED = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 _tuned: dict[str, Any] = {}
 
 
-def _gemm_kernel() -> tuple[Any, dict[str, int]]:
-    """The autotuned GEMM on a GPU; one small fixed tile under the interpreter."""
+def _gemm_kernel() -> Any:
+    """The autotuned GEMM on a GPU; the bare kernel (given one small tile) under the interpreter."""
     if interpreting():
-        return _gemm_lowrank, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+        return _gemm_lowrank
     if "gemm" not in _tuned:
         configs = [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for m, n, k, s, w in _GEMM_CONFIGS
         ]
-        _tuned["gemm"] = triton.autotune(configs=configs, key=["M", "N", "K", "R"])(_gemm_lowrank)
-    return _tuned["gemm"], {}
+        even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemm_lowrank)
+        _tuned["gemm"] = triton.autotune(configs=configs, key=["M", "N", "K", "R", "W_ROWS_N"])(even_k)
+    return _tuned["gemm"]
 
 
-def _grads_tiles(M: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)``: 64 rows a program, so even 8k tokens give 128 programs
-    before the column split."""
+def _grads_kernel() -> Any:
+    """Autotuned like the GEMM; its fp32 outputs are zeroed before each trial, since atomics add."""
     if interpreting():
-        return 32, 32, 4
-    return 64, 128, 4
+        return _lowrank_grads
+    if "grads" not in _tuned:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in _GRADS_CONFIGS]
+        _tuned["grads"] = triton.autotune(configs=configs, key=["M", "N", "R"], reset_to_zero=["g_ptr", "db_ptr"])(
+            _lowrank_grads
+        )
+    return _tuned["grads"]
 
 
 def _launcher(kernel: Any, traced: bool) -> Any:
     """Inside the custom op (``traced``) a kernel is called through ``wrap_triton`` so that
     tracing sees it; in eager it is launched directly."""
     return torch.library.wrap_triton(kernel) if traced else kernel
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _gemm_lowrank_impl(
@@ -237,22 +273,28 @@ def _gemm_lowrank_impl(
     lead: list[int],
     traced: bool = False,
 ) -> Tensor:
+    x, a = _rows_contiguous(x), _rows_contiguous(a)
     M, K = x.shape
-    N = w.shape[1]
+    N, R = w.shape[1], a.shape[1]
+    rows_n = w.stride(0) == 1  # w = Wᵀ of a row-major W: stored as (N, K) rows
+    if not rows_n:
+        w = _rows_contiguous(w)
+    # b must be stored like w: (N, R) rows with w's (N, K) rows, (R, N) rows with (K, N).
+    b = (b if b.stride(0) == 1 else b.t().contiguous().t()) if rows_n else _rows_contiguous(b)
     out = x.new_empty(*lead, N)  # allocated in its shape: a view would upset FSDP2's hooks
     y = out.view(M, N)
-    kernel, fixed = _gemm_kernel()
 
     def grid(meta: dict[str, int]) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _launcher(kernel, traced)[grid](
+    fixed = dict(_INTERPRETED, EVEN_K=K % _INTERPRETED["BLOCK_K"] == 0) if interpreting() else {}
+    _launcher(_gemm_kernel(), traced)[grid](
         x, w, a, b, y if bias is None else bias, y,
-        M, N, K, a.shape[1],
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+        M, N, K, R,
+        x.stride(0), w.stride(1) if rows_n else w.stride(0), a.stride(0), b.stride(1) if rows_n else b.stride(0),
+        y.stride(0),
         scaling,
-        HAS_BIAS=bias is not None, BLOCK_R=_rank_block(a.shape[1]), **fixed,
+        W_ROWS_N=rows_n, HAS_BIAS=bias is not None, BLOCK_R=_rank_block(R), **fixed,
     )  # fmt: skip
     return out
 
@@ -260,24 +302,26 @@ def _gemm_lowrank_impl(
 def _lowrank_grads_impl(
     dy: Tensor, B: Tensor, a: Tensor, scaling: float, traced: bool = False
 ) -> tuple[Tensor, Tensor]:
+    dy, B, a = _rows_contiguous(dy), _rows_contiguous(B), _rows_contiguous(a)
     M, N = dy.shape
     R = B.shape[1]
     g = torch.zeros(M, R, device=dy.device, dtype=torch.float32)
     db = torch.zeros(N, R, device=dy.device, dtype=torch.float32)
-    block_m, block_n, warps = _grads_tiles(M)
-    row_blocks = triton.cdiv(M, block_m)
-    col_blocks = triton.cdiv(N, block_n)
-    # Split the columns until there are about four programs per SM (one when interpreting).
+    # Columns are split across programs until there are about four per SM (one when interpreting).
     sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 1
-    splits = max(1, min(col_blocks, (4 * sms + row_blocks - 1) // row_blocks))
-    per_split = triton.cdiv(col_blocks, splits)
-    splits = triton.cdiv(col_blocks, per_split)
-    _launcher(_lowrank_grads, traced)[(row_blocks, splits)](
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        row_blocks, col_blocks = triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])
+        splits = max(1, min(col_blocks, triton.cdiv(4 * sms, row_blocks)))
+        return (row_blocks, triton.cdiv(col_blocks, triton.cdiv(col_blocks, splits)))
+
+    fixed = {"BLOCK_M": 32, "BLOCK_N": 32} if interpreting() else {}
+    _launcher(_grads_kernel(), traced)[grid](
         dy, B, a, g, db,
-        M, N, R, per_split,
-        dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), a.stride(0), a.stride(1),
+        M, N, R,
+        dy.stride(0), B.stride(0), a.stride(0),
         scaling,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_rank_block(R), num_warps=warps,
+        BLOCK_R=_rank_block(R), **fixed,
     )  # fmt: skip
     return g.to(dy.dtype), db.to(B.dtype)
 

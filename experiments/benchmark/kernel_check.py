@@ -136,7 +136,11 @@ def main() -> None:
             import traceback
 
             traceback.print_exc()
-            result[name] = f"{type(err).__name__}: {err}"[:3000]
+            causes, cause = [], err
+            while cause is not None and len(causes) < 6:  # Inductor wraps Triton's own message
+                causes.append(f"{type(cause).__name__}: {cause}"[-1500:])
+                cause = cause.__cause__ or cause.__context__
+            result[name] = causes
         print(name, json.dumps(result[name])[:3000], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "kernel_check.json").write_text(json.dumps(result, indent=1))
