@@ -16,9 +16,12 @@ are not bit-reproducible: under ``torch.use_deterministic_algorithms(True)`` (Li
 ``deterministic=True``) cuBLAS runs instead.
 
 A Triton GEMM only pays where it keeps up with cuBLAS on the frozen part of the work, which
-depends on the GPU and the shape. Hence :func:`set_triton_kernels`: ``"auto"`` (default) times
-the kernel against the cuBLAS composition the first time a shape is met and keeps the faster;
-``"always"`` / ``"never"`` force the choice. Triton is optional: without it, or off CUDA, the
+depends on the GPU and the shape. On the H200 these kernels do not (``RESULTS.md``: each is a
+few percent slower than the cuBLAS composition at every benchmark shape, the GEMM's K-loop
+slower than cuBLAS's own), so they are off by default. :func:`set_triton_kernels` turns them
+on: ``"auto"`` times each kernel against the cuBLAS composition the first time a shape is met
+and keeps the faster; ``"always"`` runs them wherever they apply; ``"never"`` (default) keeps
+cuBLAS. Triton is optional: without it, or off CUDA, the
 cuBLAS composition runs. With ``TRITON_INTERPRET=1`` set before this module is imported,
 ``"always"`` runs the kernels on CPU tensors through Triton's interpreter, which is how CI tests
 their logic. Under ``torch.compile`` the kernels are :func:`torch.library.triton_op` custom ops,
@@ -44,13 +47,14 @@ except ImportError:  # CPU installs need not have Triton; the cuBLAS composition
 KERNEL_MODES = ("auto", "always", "never")
 MAX_RANK = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-_mode = "auto"
+_mode = "never"  # measured slower than cuBLAS on the H200 (experiments/benchmark/RESULTS.md)
 _choices: dict[tuple, bool] = {}  # (kind, shape, dtype, device) -> the kernel was faster
 
 
 def set_triton_kernels(mode: str) -> None:
-    """``"auto"``: per shape, whichever of the Triton kernel and cuBLAS measured faster;
-    ``"always"``: the kernels wherever they apply; ``"never"``: cuBLAS only."""
+    """``"never"`` (default): cuBLAS only; ``"auto"``: per shape, whichever of the Triton
+    kernel and cuBLAS measured faster (timed once, on the first call); ``"always"``: the
+    kernels wherever they apply."""
     global _mode
     if mode not in KERNEL_MODES:
         raise ValueError(f"triton kernel mode must be one of {KERNEL_MODES}, got {mode!r}")

@@ -26,16 +26,6 @@ def device_us(bench: Bench, fn: Callable[[], object], calls: int = 10) -> float:
     return profile_kernels(bench, fn, steps=calls)["total_us"]
 
 
-def kernel_choices() -> list[str]:
-    """What ``triton_kernels("auto")`` chose so far: ``kind shape dtype -> Triton | cuBLAS``."""
-    from lightning_lora import kernels
-
-    return [
-        f"{kind} {shape} {dtype} -> {'Triton' if fast else 'cuBLAS'}"
-        for (kind, shape, dtype, _), fast in kernels._choices.items()
-    ]
-
-
 def run_layer_micro(bench: Bench) -> None:
     """One adapted projection at the benchmark's token count: forward+backward and forward alone,
     frozen Linear vs our reference path vs our fast path (Triton kernels or cuBLAS, :mod:`lightning_lora.kernels`); and q/k/v on one input."""
@@ -56,13 +46,11 @@ def run_layer_micro(bench: Bench) -> None:
         layer.set_active(["default"])
         x = torch.randn(tokens, d_in, device=bench.device, dtype=bench.dtype, requires_grad=True)
         dy = torch.randn(tokens, d_out, device=bench.device, dtype=bench.dtype)
-        # "fast path" lets lightning_lora.kernels pick Triton or cuBLAS per shape (timed once);
-        # the two rows after it force each.
+        # "fast path" is the default (cuBLAS); "fast path, Triton" runs lightning_lora.kernels.
         variants = {
             "frozen Linear": (base, "never", "never"),
             "reference": (layer, "never", "never"),
-            "fast path": (layer, "auto", "auto"),
-            "fast path, cuBLAS": (layer, "auto", "never"),
+            "fast path": (layer, "auto", "never"),
             "fast path, Triton": (layer, "auto", "always"),
         }
         for variant, (module, mode, kernel_mode) in variants.items():
@@ -90,7 +78,6 @@ def run_layer_micro(bench: Bench) -> None:
                         d_out=d_out,
                     )
 
-    bench.record(group="kernel choices", config=f"choices at {h}/{i}", choices=kernel_choices())
     if bench.shape.kv_heads not in (None, bench.shape.heads):
         return  # the rows below are q, k, v of one shape (no grouped-query attention)
     # q, k, v on one input: frozen; three fast-path layers each computing x Aᵀ; the same layers
