@@ -73,6 +73,8 @@ def training_table(by: dict[str, dict], group: str = "train", prefix: str = "") 
             )
             if r.get("input_sharing"):
                 path += ", input sharing"
+            if r.get("triton_kernels") in ("auto", "always"):
+                path += {"auto": ", Triton where timed faster", "always": ", Triton kernels"}[r["triton_kernels"]]
         if r.get("cuda_graphs"):
             path += ", CUDA graphs"
         if r.get("graph_breaks"):
