@@ -225,6 +225,7 @@ _GEMM_CONFIGS = [
     (128, 128, 32, 4, 4),
     (64, 256, 32, 4, 4),
     (128, 64, 64, 4, 4),
+    (64, 64, 32, 3, 4),  # fits shared memory at any rank up to MAX_RANK
 ]
 _GRADS_CONFIGS = [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 128, 4)]
 _INTERPRETED = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
@@ -280,7 +281,9 @@ def _gemm_lowrank_impl(
     x, a = _rows_contiguous(x), _rows_contiguous(a)
     M, K = x.shape
     N, R = w.shape[1], a.shape[1]
-    rows_n = w.stride(0) == 1  # w = Wᵀ of a row-major W: stored as (N, K) rows
+    # w = Wᵀ of a row-major W: stored as (N, K) rows. bool(): a traced stride gives a SymBool,
+    # which a constexpr cannot take.
+    rows_n = bool(w.stride(0) == 1)
     if not rows_n:
         w = _rows_contiguous(w)
     # b must be stored like w: (N, R) rows with w's (N, K) rows, (R, N) rows with (K, N).

@@ -6,20 +6,19 @@ speed; here only the logic is checked.
 Under the interpreter bf16 dots come out wrong (Triton 3.9 treats them as raw integers), so the
 kernels are checked in fp16 here, and in bf16 on the GPU."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before lightning_lora.kernels defines the kernels
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
-if os.environ["TRITON_INTERPRET"] != "1" or "lightning_lora.kernels" in __import__("sys").modules:
-    pytest.skip("the kernels were defined before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 from lightning_lora import inject_lora, kernels
 from lightning_lora.fused import fast_path
 from tests.hf_models import llama
+
+if not kernels.interpreting() or type(kernels._gemm_lowrank).__name__ != "InterpretedFunction":
+    pytest.skip(
+        "the kernels were defined without TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True
+    )
 
 HALF = torch.float16
 
