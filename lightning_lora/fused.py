@@ -36,48 +36,40 @@ measure it), ``"never"`` turns it off.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
 
 from . import kernels, quantized
+from .switches import Switch
 
 FAST_PATH_MODES = ("auto", "always", "never")
 FastForward = Callable[[Tensor, Tensor, Tensor, float, "Tensor | None"], Tensor]
-_mode = "auto"
+_mode: Switch[str] = Switch("fast path mode", "auto", FAST_PATH_MODES)
 
 
 def set_fast_path(mode: str) -> None:
     """``"auto"`` (default): the Function in eager mode, the reference formula under
     ``torch.compile``; ``"always"``: the Function in both; ``"never"``: the reference formula."""
-    global _mode
-    if mode not in FAST_PATH_MODES:
-        raise ValueError(f"fast path mode must be one of {FAST_PATH_MODES}, got {mode!r}")
-    _mode = mode
+    _mode.set(mode)
 
 
 def fast_path_mode() -> str:
-    return _mode
+    return _mode.value
 
 
-@contextmanager
-def fast_path(mode: str) -> Iterator[None]:
+def fast_path(mode: str) -> AbstractContextManager[None]:
     """``with fast_path("never"): ...`` runs the block with another mode, then restores it."""
-    before = _mode
-    set_fast_path(mode)
-    try:
-        yield
-    finally:
-        set_fast_path(before)
+    return _mode.using(mode)
 
 
 def fast_path_wanted() -> bool:
     """Whether the current mode asks for the Function here (eager, or forced under compile)."""
-    if _mode == "never":
+    if _mode.value == "never":
         return False
-    return _mode == "always" or not torch.compiler.is_compiling()
+    return _mode.value == "always" or not torch.compiler.is_compiling()
 
 
 def plain_frozen_linear(base: nn.Module) -> bool:

@@ -31,12 +31,14 @@ so Inductor keeps them in its graph.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .switches import Switch
 
 try:
     import triton
@@ -47,7 +49,8 @@ except ImportError:  # CPU installs need not have Triton; the cuBLAS composition
 KERNEL_MODES = ("auto", "always", "never")
 MAX_RANK = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-_mode = "never"  # measured slower than cuBLAS on the H200 (experiments/benchmark/RESULTS.md)
+# Off by default: measured slower than cuBLAS on the H200 (experiments/benchmark/RESULTS.md).
+_mode: Switch[str] = Switch("triton kernel mode", "never", KERNEL_MODES)
 _choices: dict[tuple, bool] = {}  # (kind, shape, dtype, device) -> the kernel was faster
 
 
@@ -55,25 +58,16 @@ def set_triton_kernels(mode: str) -> None:
     """``"never"`` (default): cuBLAS only; ``"auto"``: per shape, whichever of the Triton
     kernel and cuBLAS measured faster (timed once, on the first call); ``"always"``: the
     kernels wherever they apply."""
-    global _mode
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"triton kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
-    _mode = mode
+    _mode.set(mode)
 
 
 def triton_kernel_mode() -> str:
-    return _mode
+    return _mode.value
 
 
-@contextmanager
-def triton_kernels(mode: str) -> Iterator[None]:
+def triton_kernels(mode: str) -> AbstractContextManager[None]:
     """``with triton_kernels("never"): ...`` runs the block with another mode, then restores it."""
-    before = _mode
-    set_triton_kernels(mode)
-    try:
-        yield
-    finally:
-        set_triton_kernels(before)
+    return _mode.using(mode)
 
 
 def interpreting() -> bool:
@@ -83,24 +77,31 @@ def interpreting() -> bool:
 def applicable(*tensors: Tensor) -> bool:
     """The kernels handle fp16/bf16 tensors on CUDA (or on CPU under the interpreter, when
     forced) with ``r ≤ MAX_RANK``; fp32 keeps cuBLAS, whose fp32 GEMMs do not round to TF32."""
-    if triton is None or _mode == "never":
+    if triton is None or _mode.value == "never" or (torch.compiler.is_compiling() and not CUSTOM_OPS):
         return False
     first = tensors[0]
     if first.dtype not in KERNEL_DTYPES or any(t.dtype != first.dtype for t in tensors):
         return False
     if first.is_cuda:
         return True
-    return _mode == "always" and interpreting() and first.device.type == "cpu"
+    return _mode.value == "always" and interpreting() and first.device.type == "cpu"
 
 
-def chosen(kind: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, fused, unfused) -> bool:
+def chosen(
+    kind: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    fused: Callable[[], object],
+    unfused: Callable[[], object],
+) -> bool:
     """Whether to run the kernel for this call. ``fused`` and ``unfused`` are zero-argument
     callables doing the same work; under ``"auto"`` both are timed once per (kind, shape, dtype,
     device) on CUDA and the faster is remembered. Under ``torch.compile`` nothing is timed: the
     kernels run only when forced."""
-    if _mode == "always":
+    if _mode.value == "always":
         return True
-    if _mode == "never" or torch.compiler.is_compiling() or device.type != "cuda":
+    if _mode.value == "never" or torch.compiler.is_compiling() or device.type != "cuda":
         return False
     key = (kind, shape, dtype, str(device))
     if key not in _choices:
@@ -108,7 +109,7 @@ def chosen(kind: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     return _choices[key]
 
 
-def _time(fn) -> float:
+def _time(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
@@ -333,7 +334,9 @@ def _lowrank_grads_impl(
     return g.to(dy.dtype), db.to(B.dtype)
 
 
-if triton is not None:
+# torch.library.triton_op came with torch 2.6; without it the kernels run in eager mode only.
+CUSTOM_OPS = triton is not None and hasattr(torch.library, "triton_op")
+if CUSTOM_OPS:
     # Under torch.compile these custom ops keep the kernels in Inductor's graph; their fake
     # (shape-only) versions come from tracing the same functions.
     @torch.library.triton_op("lightning_lora::gemm_lowrank", mutates_args=())

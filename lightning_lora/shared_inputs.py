@@ -36,39 +36,33 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from .switches import Switch
+
 if TYPE_CHECKING:
     from .layers import LoRALinear
 
-_enabled = False
+_enabled: Switch[bool] = Switch("input sharing", False, convert=bool)
 
 
 def set_input_sharing(enabled: bool) -> None:
     """On: sibling layers share ``x Aᵀ`` on the fast path. Off (default): each computes its own."""
-    global _enabled
-    _enabled = bool(enabled)
+    _enabled.set(enabled)
 
 
 def input_sharing() -> bool:
-    return _enabled
+    return _enabled.value
 
 
-@contextmanager
-def sharing_inputs(enabled: bool) -> Iterator[None]:
+def sharing_inputs(enabled: bool) -> AbstractContextManager[None]:
     """``with sharing_inputs(True): ...`` runs the block with sharing on (or off), then restores it."""
-    before = _enabled
-    set_input_sharing(enabled)
-    try:
-        yield
-    finally:
-        set_input_sharing(before)
+    return _enabled.using(enabled)
 
 
 class SharedProjection(torch.autograd.Function):
@@ -149,7 +143,7 @@ def group_siblings(model: nn.Module) -> None:
 def projection(layer: LoRALinear, x: Tensor, A: Tensor) -> Tensor | None:
     """``x Aᵀ`` for ``layer`` (whose fast path runs plain LoRA with ``A`` on ``x``) from its
     group's shared GEMM, or ``None``: compute it alone."""
-    if not _enabled or torch.compiler.is_compiling() or x.is_inference():
+    if not _enabled.value or torch.compiler.is_compiling() or x.is_inference():
         return None
     group = _groups.get(layer)
     if group is None:
