@@ -28,6 +28,10 @@ Under autocast (``precision="bf16-mixed"``) the inputs are cast once to autocast
 autocast would cast them for a linear, and the Function runs on the cast tensors
 (:func:`autocast_forward`).
 
+On CUDA, :mod:`lightning_lora.kernels` can run each step's pair of GEMMs as one Triton kernel
+(``y``; ``dx``; ``g`` with ``dB``). They are off by default: on the H200 cuBLAS's composition
+above is faster at every shape measured.
+
 Under ``torch.compile`` the reference formula is used by default: Inductor fuses its element-wise
 work into neighbouring kernels itself, while an in-place ``addmm_`` would become an out-of-place
 ``addmm`` (a copy of ``y``). ``set_fast_path("always")`` forces the Function everywhere (to
@@ -224,7 +228,9 @@ def _forward_frozen_plus_lowrank(
     return cublas()
 
 
-def _lowrank_grads(dy2: Tensor, B: Tensor, a: Tensor, s: float, need_g: bool, need_B: bool):
+def _lowrank_grads(
+    dy2: Tensor, B: Tensor, a: Tensor, s: float, need_g: bool, need_B: bool
+) -> tuple[Tensor | None, Tensor | None]:
     """``(g, dB) = (s · dy B, s · dyᵀ a)``, each ``None`` where not needed; both from one
     Triton pass over ``dy`` where :mod:`~lightning_lora.kernels` picks it."""
 

@@ -16,16 +16,19 @@ are not bit-reproducible: under ``torch.use_deterministic_algorithms(True)`` (Li
 ``deterministic=True``) cuBLAS runs instead.
 
 A Triton GEMM only pays where it keeps up with cuBLAS on the frozen part of the work, which
-depends on the GPU and the shape. On the H200 these kernels do not (``RESULTS.md``: each is a
-few percent slower than the cuBLAS composition at every benchmark shape, the GEMM's K-loop
-slower than cuBLAS's own), so they are off by default. :func:`set_triton_kernels` turns them
-on: ``"auto"`` times each kernel against the cuBLAS composition the first time a shape is met
-and keeps the faster; ``"always"`` runs them wherever they apply; ``"never"`` (default) keeps
-cuBLAS. Triton is optional: without it, or off CUDA, the
-cuBLAS composition runs. With ``TRITON_INTERPRET=1`` set before this module is imported,
-``"always"`` runs the kernels on CPU tensors through Triton's interpreter, which is how CI tests
-their logic. Under ``torch.compile`` the kernels are :func:`torch.library.triton_op` custom ops,
-so Inductor keeps them in its graph.
+depends on the GPU and the shape. On the H200 these kernels do not: one adapted layer's forward
+and backward is slower with them than with the cuBLAS composition at every benchmark shape, the
+GEMM's K-loop being slower than cuBLAS's own (``experiments/benchmark/NOTES.md``). So they are
+off by default, and :func:`set_triton_kernels` turns them on: ``"auto"`` times each kernel
+against the cuBLAS composition the first time a shape is met and keeps the faster; ``"always"``
+runs them wherever they apply; ``"never"`` (default) keeps cuBLAS. Triton is optional: without
+it, or off CUDA, the cuBLAS composition runs.
+
+With ``TRITON_INTERPRET=1`` set before this module is imported, ``"always"`` runs the kernels on
+CPU tensors through Triton's interpreter, which is how CI tests their logic. Under
+``torch.compile`` the kernels are :func:`torch.library.triton_op` custom ops, so Inductor keeps
+them in its graph; compile with static shapes (a symbolic size fails inside Triton's autotuner,
+as ``torch.library.opcheck``'s dynamic-shape test shows).
 """
 
 from __future__ import annotations
