@@ -221,7 +221,7 @@ def _forward_frozen_plus_lowrank(
         return kernels.gemm_lowrank(x2, weight.t(), a, B.t(), bias, s, list(lead))
 
     tensors = (x2, weight, a, B) if bias is None else (x2, weight, a, B, bias)
-    if kernels.applicable(*tensors):
+    if kernels.applicable(B.shape[1], *tensors):
         shape = (x2.shape[0], x2.shape[1], B.shape[0], B.shape[1], bias is not None)
         if kernels.chosen("forward", shape, x2.dtype, x2.device, triton, cublas):
             return triton()
@@ -242,7 +242,7 @@ def _lowrank_grads(
     def triton() -> tuple[Tensor, Tensor]:
         return kernels.lowrank_grads(dy2, B, a, s)
 
-    wanted = need_g and need_B and kernels.applicable(dy2, B, a) and not kernels.deterministic()
+    wanted = need_g and need_B and kernels.applicable(B.shape[1], dy2, B, a) and not kernels.deterministic()
     if wanted and kernels.chosen("grads", (*dy2.shape, B.shape[1]), dy2.dtype, dy2.device, triton, cublas):
         return triton()
     return cublas()
@@ -260,7 +260,7 @@ def _dgrad_frozen_plus_lowrank(dy2: Tensor, weight: Tensor, g: Tensor, A: Tensor
     def triton() -> Tensor:
         return kernels.gemm_lowrank(dy2, weight, g, A, None, 1.0, list(x_shape[:-1]))
 
-    if kernels.applicable(dy2, weight, g, A):
+    if kernels.applicable(A.shape[0], dy2, weight, g, A):
         shape = (dy2.shape[0], dy2.shape[1], A.shape[1], A.shape[0])
         if kernels.chosen("dgrad", shape, dy2.dtype, dy2.device, triton, cublas):
             return triton()

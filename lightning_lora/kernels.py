@@ -77,13 +77,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def applicable(*tensors: Tensor) -> bool:
+def applicable(rank: int, *tensors: Tensor) -> bool:
     """The kernels handle fp16/bf16 tensors on CUDA (or on CPU under the interpreter, when
-    forced) with ``r ≤ MAX_RANK``; fp32 keeps cuBLAS, whose fp32 GEMMs do not round to TF32."""
+    forced) with ``rank ≤ MAX_RANK`` (larger ranks overflow their tiles), at least one row, and
+    fewer than 2³¹ elements each (their offsets are 32-bit); fp32 keeps cuBLAS, whose fp32 GEMMs
+    do not round to TF32."""
     if triton is None or _mode.value == "never" or (torch.compiler.is_compiling() and not CUSTOM_OPS):
         return False
     first = tensors[0]
     if first.dtype not in KERNEL_DTYPES or any(t.dtype != first.dtype for t in tensors):
+        return False
+    if rank > MAX_RANK or any(t.numel() == 0 or t.numel() >= 2**31 for t in tensors):
         return False
     if first.is_cuda:
         return True
@@ -283,6 +287,7 @@ def _gemm_lowrank_impl(
     traced: bool = False,
 ) -> Tensor:
     x, a = _rows_contiguous(x), _rows_contiguous(a)
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it with unit stride
     M, K = x.shape
     N, R = w.shape[1], a.shape[1]
     # w = Wᵀ of a row-major W: stored as (N, K) rows. bool(): a traced stride gives a SymBool,

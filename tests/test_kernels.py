@@ -165,6 +165,61 @@ def test_the_kernels_leave_fp32_deterministic_and_never_to_cublas(monkeypatch):
     assert seen == before
 
 
+def adapted_linear(d_in=40, d_out=50, r=4, bias=True, **fields):
+    """One fp16 nn.Linear with LoRA, B trained-sized so the update matters."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=bias))
+    inject_lora(model, r=r, alpha=2 * r, init="gaussian", **fields)
+    model.to(HALF)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def grads_of(model, x, seed=3):
+    torch.manual_seed(seed)  # the same dropout mask on both paths
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    y.float().pow(2).sum().backward()
+    out = [y.detach().float(), x.grad.float()]
+    out += [p.grad.float() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("fields", [{}, {"dropout": 0.3}, {"freeze_a": True}], ids=["bias", "dropout", "lora-fa"])
+def test_the_function_with_bias_dropout_or_frozen_a_matches_cublas_through_the_kernels(monkeypatch, fields):
+    model = adapted_linear(**fields).train()
+    x = rand(3, 23, 40, seed=9)
+    with kernels.triton_kernels("never"):
+        want = grads_of(model, x)
+    seen = calls(monkeypatch)
+    got = grads_of(model, x)
+    assert seen["gemm_lowrank"] >= 1
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        close(g, w, str(fields))
+
+
+def test_an_empty_batch_and_a_rank_above_the_tiles_take_cublas(monkeypatch):
+    seen = calls(monkeypatch)
+    model = adapted_linear()
+    empty = torch.zeros(0, 40, dtype=HALF, requires_grad=True)
+    model(empty).sum().backward()  # the cuBLAS path handles M = 0; the kernels' grid would not
+    assert empty.grad.shape == (0, 40)
+    adapted_linear(d_in=300, d_out=260, r=kernels.MAX_RANK + 1)(rand(5, 300)).sum().backward()
+    assert seen == {"gemm_lowrank": 0, "lowrank_grads": 0}
+
+
+def test_a_strided_bias_is_read_right():
+    x, W, a, B = rand(20, 24, seed=1), rand(16, 24, scale=0.2, seed=2), rand(20, 4, seed=3), rand(16, 4, seed=4)
+    bias = rand(32, seed=5)[::2]  # stride 2
+    y = kernels.gemm_lowrank(x, W.t(), a, B.t(), bias, 2.0)
+    close(y, x.float() @ W.float().t() + 2.0 * a.float() @ B.float().t() + bias.float(), "strided bias")
+
+
 def test_kernel_mode_is_validated_and_restored():
     with pytest.raises(ValueError, match="triton kernel mode must be one of"):
         kernels.set_triton_kernels("fast")
@@ -174,8 +229,9 @@ def test_kernel_mode_is_validated_and_restored():
 
 
 def test_kernels_are_registered_as_custom_ops_for_torch_compile():
-    # opcheck's fake-tensor test needs real Triton kernels (the interpreter runs them on fake
-    # tensors); the GPU benchmark runs torch.library.opcheck on both ops.
+    # Registration and calling convention only (the numbers are the tests above): opcheck's
+    # fake-tensor test needs real Triton kernels (the interpreter runs them on fake tensors);
+    # experiments/benchmark/kernel_check.py runs torch.library.opcheck on both ops on a GPU.
     x, W, a, B = rand(20, 24, seed=1), rand(16, 24, seed=2), rand(20, 4, seed=3), rand(16, 4, seed=4)
     dy = rand(20, 16, seed=5)
     y = torch.ops.lightning_lora.gemm_lowrank(x, W.t(), a, B.t(), None, 2.0, [4, 5])
