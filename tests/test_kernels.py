@@ -35,8 +35,15 @@ def close(got, want, what):
 
 @pytest.fixture(autouse=True)
 def forced():
-    with kernels.triton_kernels("always"):
-        yield
+    # A Trainer(deterministic=True) earlier in the suite leaves torch's deterministic mode on,
+    # which (rightly) keeps the atomic gradient kernel off: these tests start from it off.
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        with kernels.triton_kernels("always"):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 @pytest.mark.parametrize("r", [1, 3, 16, 64, 128])
@@ -147,11 +154,9 @@ def test_the_kernels_leave_fp32_deterministic_and_never_to_cublas(monkeypatch):
     inject_lora(fp32, r=4, init="gaussian")
     fp32(torch.randint(0, 100, (2, 5))).logits.sum().backward()
     assert seen == {"gemm_lowrank": 0, "lowrank_grads": 0}  # fp32: cuBLAS, no TF32 rounding
-    torch.use_deterministic_algorithms(True)
-    try:
-        llama_step()
-    finally:
-        torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(True)  # the fixture restores the suite's setting
+    llama_step()
+    torch.use_deterministic_algorithms(False)
     assert seen["lowrank_grads"] == 0 and seen["gemm_lowrank"] > 0  # atomics are not reproducible
     with kernels.triton_kernels("never"):
         before = dict(seen)
