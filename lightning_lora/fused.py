@@ -221,11 +221,7 @@ def _forward_frozen_plus_lowrank(
         return kernels.gemm_lowrank(x2, weight.t(), a, B.t(), bias, s, list(lead))
 
     tensors = (x2, weight, a, B) if bias is None else (x2, weight, a, B, bias)
-    if kernels.applicable(B.shape[1], *tensors):
-        shape = (x2.shape[0], x2.shape[1], B.shape[0], B.shape[1], bias is not None)
-        if kernels.chosen("forward", shape, x2.dtype, x2.device, triton, cublas):
-            return triton()
-    return cublas()
+    return kernels.run("forward", B.shape[1], tensors, triton, cublas)
 
 
 def _lowrank_grads(
@@ -242,10 +238,10 @@ def _lowrank_grads(
     def triton() -> tuple[Tensor, Tensor]:
         return kernels.lowrank_grads(dy2, B, a, s)
 
-    wanted = need_g and need_B and kernels.applicable(B.shape[1], dy2, B, a) and not kernels.deterministic()
-    if wanted and kernels.chosen("grads", (*dy2.shape, B.shape[1]), dy2.dtype, dy2.device, triton, cublas):
-        return triton()
-    return cublas()
+    # The kernel computes both, summing with atomics: not reproducible under deterministic mode.
+    if not (need_g and need_B) or torch.are_deterministic_algorithms_enabled():
+        return cublas()
+    return kernels.run("grads", B.shape[1], (dy2, B, a), triton, cublas)
 
 
 def _dgrad_frozen_plus_lowrank(dy2: Tensor, weight: Tensor, g: Tensor, A: Tensor, x_shape: torch.Size) -> Tensor:
@@ -260,11 +256,7 @@ def _dgrad_frozen_plus_lowrank(dy2: Tensor, weight: Tensor, g: Tensor, A: Tensor
     def triton() -> Tensor:
         return kernels.gemm_lowrank(dy2, weight, g, A, None, 1.0, list(x_shape[:-1]))
 
-    if kernels.applicable(A.shape[0], dy2, weight, g, A):
-        shape = (dy2.shape[0], dy2.shape[1], A.shape[1], A.shape[0])
-        if kernels.chosen("dgrad", shape, dy2.dtype, dy2.device, triton, cublas):
-            return triton()
-    return cublas()
+    return kernels.run("dgrad", A.shape[0], (dy2, weight, g, A), triton, cublas)
 
 
 def lora_linear(

@@ -33,10 +33,11 @@ as ``torch.library.opcheck``'s dynamic-shape test shows).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -49,12 +50,13 @@ try:
 except ImportError:  # CPU installs need not have Triton; the cuBLAS composition runs then
     triton = None
 
+T = TypeVar("T")
 KERNEL_MODES = ("auto", "always", "never")
 MAX_RANK = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Off by default: measured slower than cuBLAS on the H200 (experiments/benchmark/RESULTS.md).
 _mode: Switch[str] = Switch("triton kernel mode", "never", KERNEL_MODES)
-_choices: dict[tuple, bool] = {}  # (kind, shape, dtype, device) -> the kernel was faster
+_choices: dict[tuple, bool] = {}  # (kind, shapes, dtype, device) -> the kernel was faster
 
 
 def set_triton_kernels(mode: str) -> None:
@@ -94,23 +96,23 @@ def applicable(rank: int, *tensors: Tensor) -> bool:
     return _mode.value == "always" and interpreting() and first.device.type == "cpu"
 
 
-def chosen(
-    kind: str,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    fused: Callable[[], object],
-    unfused: Callable[[], object],
-) -> bool:
-    """Whether to run the kernel for this call. ``fused`` and ``unfused`` are zero-argument
-    callables doing the same work; under ``"auto"`` both are timed once per (kind, shape, dtype,
-    device) on CUDA and the faster is remembered. Under ``torch.compile`` nothing is timed: the
-    kernels run only when forced."""
+def run(kind: str, rank: int, tensors: tuple[Tensor, ...], triton: Callable[[], T], cublas: Callable[[], T]) -> T:
+    """``triton()`` where the kernels apply to ``tensors`` (an adapter of rank ``rank``) and the
+    mode picks them, else ``cublas()``; the two compute the same thing. Under ``"auto"`` both are
+    timed once per (kind, the tensors' shapes, dtype, device) on CUDA and the faster is
+    remembered; under ``torch.compile`` nothing is timed, and the kernels run only when forced."""
+    if applicable(rank, *tensors) and _chosen(kind, tensors, triton, cublas):
+        return triton()
+    return cublas()
+
+
+def _chosen(kind: str, tensors: tuple[Tensor, ...], fused: Callable[[], object], unfused: Callable[[], object]) -> bool:
     if _mode.value == "always":
         return True
-    if _mode.value == "never" or torch.compiler.is_compiling() or device.type != "cuda":
+    first = tensors[0]
+    if _mode.value == "never" or torch.compiler.is_compiling() or first.device.type != "cuda":
         return False
-    key = (kind, shape, dtype, str(device))
+    key = (kind, tuple(t.shape for t in tensors), first.dtype, str(first.device))
     if key not in _choices:
         _choices[key] = _time(fused) < _time(unfused)
     return _choices[key]
@@ -237,33 +239,28 @@ _GEMM_CONFIGS = [
 ]
 _GRADS_CONFIGS = [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 128, 4)]
 _INTERPRETED = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
-_tuned: dict[str, Any] = {}
 
 
+@functools.cache
 def _gemm_kernel() -> Any:
     """The autotuned GEMM on a GPU; the bare kernel (given one small tile) under the interpreter."""
     if interpreting():
         return _gemm_lowrank
-    if "gemm" not in _tuned:
-        configs = [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for m, n, k, s, w in _GEMM_CONFIGS
-        ]
-        even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemm_lowrank)
-        _tuned["gemm"] = triton.autotune(configs=configs, key=["M", "N", "K", "R", "W_ROWS_N"])(even_k)
-    return _tuned["gemm"]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for m, n, k, s, w in _GEMM_CONFIGS
+    ]
+    even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemm_lowrank)
+    return triton.autotune(configs=configs, key=["M", "N", "K", "R", "W_ROWS_N"])(even_k)
 
 
+@functools.cache
 def _grads_kernel() -> Any:
     """Autotuned like the GEMM; its fp32 outputs are zeroed before each trial, since atomics add."""
     if interpreting():
         return _lowrank_grads
-    if "grads" not in _tuned:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in _GRADS_CONFIGS]
-        _tuned["grads"] = triton.autotune(configs=configs, key=["M", "N", "R"], reset_to_zero=["g_ptr", "db_ptr"])(
-            _lowrank_grads
-        )
-    return _tuned["grads"]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in _GRADS_CONFIGS]
+    return triton.autotune(configs=configs, key=["M", "N", "R"], reset_to_zero=["g_ptr", "db_ptr"])(_lowrank_grads)
 
 
 def _launcher(kernel: Any, traced: bool) -> Any:
@@ -376,7 +373,3 @@ def lowrank_grads(dy: Tensor, B: Tensor, a: Tensor, scaling: float) -> tuple[Ten
     if torch.compiler.is_compiling():
         return _lowrank_grads_op(dy, B, a, scaling)
     return _lowrank_grads_impl(dy, B, a, scaling)
-
-
-def deterministic() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
