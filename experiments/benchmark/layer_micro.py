@@ -26,6 +26,12 @@ def device_us(bench: Bench, fn: Callable[[], object], calls: int = 10) -> float:
     return profile_kernels(bench, fn, steps=calls)["total_us"]
 
 
+def measure(bench: Bench, fn: Callable[[], object], reps: int, config: str, **fields: object) -> None:
+    """One micro row: wall times over ``reps`` calls after 3 warm-up calls, and device time."""
+    times, _ = bench.time_steps(fn, 3, reps)
+    bench.record(group="micro", config=config, times=times, device_us=device_us(bench, fn), **fields)
+
+
 def run_layer_micro(bench: Bench) -> None:
     """One adapted projection at the benchmark's token count: forward+backward and forward alone,
     frozen Linear vs our reference path vs our fast path (Triton kernels or cuBLAS, :mod:`lightning_lora.kernels`); and q/k/v on one input."""
@@ -68,15 +74,7 @@ def run_layer_micro(bench: Bench) -> None:
             shape = f"{d_in}→{d_out}"
             with fast_path(mode), triton_kernels(kernel_mode):
                 for what, fn in (("fwd+bwd", train), ("fwd", infer)):
-                    times, _ = bench.time_steps(fn, 3, reps)
-                    bench.record(
-                        group="micro",
-                        config=f"{shape} {variant} {what}",
-                        times=times,
-                        device_us=device_us(bench, fn),
-                        d_in=d_in,
-                        d_out=d_out,
-                    )
+                    measure(bench, fn, reps, f"{shape} {variant} {what}", d_in=d_in, d_out=d_out)
 
     if bench.shape.kv_heads not in (None, bench.shape.heads):
         return  # the rows below are q, k, v of one shape (no grouped-query attention)
@@ -117,11 +115,5 @@ def run_layer_micro(bench: Bench) -> None:
         ("sharing x Aᵀ", adapted, True),
     ):
         with sharing_inputs(sharing):
-            times, _ = bench.time_steps(fn, 3, reps)
-            bench.record(
-                group="micro",
-                config=f"q,k,v {h}→{h} on one input: {variant} fwd+bwd",
-                times=times,
-                device_us=device_us(bench, fn),
-                rel_diff_grads=rel if sharing else None,
-            )
+            config = f"q,k,v {h}→{h} on one input: {variant} fwd+bwd"
+            measure(bench, fn, reps, config, rel_diff_grads=rel if sharing else None)

@@ -186,7 +186,6 @@ def micro_table(by: dict[str, dict]) -> list[str]:
         "frozen Linear",
         "frozen",
         "reference",
-        "fast path, cuBLAS",
         "fast path, Triton",
         "fast path",
         "three fast-path layers",
